@@ -244,33 +244,26 @@ class _BicoFlashFunction(torch.autograd.Function):
         neg_inf = float("-inf")
         lse_lo = lse_lo.masked_fill(_no_key_rows(key_mask, upper=False)[:, None, :], neg_inf)
         lse_up = lse_up.masked_fill(_no_key_rows(key_mask, upper=True)[:, None, :], neg_inf)
+        # Weight of the lower triangle in the joint softmax; a row with no key at all gets 0.5 of two zeros.
+        w_lo = torch.sigmoid(torch.nan_to_num(lse_lo - lse_up, nan=0.0))[..., None]
+        out = torch.lerp(out_up.to(w_lo.dtype), out_lo.to(w_lo.dtype), w_lo).to(query.dtype)  # (B, H, L, D)
         lse = torch.logaddexp(lse_lo, lse_up)  # (B, H, L)
-        empty = torch.isinf(lse)
-        lse_safe = lse.masked_fill(empty, 0.0)
-        w_lo = torch.exp(lse_lo - lse_safe)[..., None]
-        w_up = torch.exp(lse_up - lse_safe)[..., None]
-        out = (w_lo * out_lo.to(w_lo.dtype) + w_up * out_up.to(w_up.dtype)).to(query.dtype)  # (B, H, L, D)
+        # Backward needs a finite lse: on empty rows every score is -inf, so any value gives p = 0.
+        lse = lse.masked_fill(torch.isinf(lse), 0.0)
 
-        ctx.save_for_backward(query, key, value, query_conj, key_conj, key_mask, out, lse_safe)
+        ctx.save_for_backward(query, key, value, q_up, k_up, v_up, key_mask, mask_up, out, lse)
         ctx.scale, ctx.backend = scale, backend
         return out.transpose(1, 2).contiguous()  # (B, L, H, D)
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, query_conj, key_conj, key_mask, out, lse = ctx.saved_tensors
+        query, key, value, q_up, k_up, v_up, key_mask, mask_up, out, lse = ctx.saved_tensors
         scale, backend = ctx.scale, ctx.backend
         grad = grad.transpose(1, 2).contiguous()  # (B, H, L, D)
 
         dq, dk, dv = backend.backward(grad, query, key, value, out, lse, key_mask, scale)
         dq_up, dk_up, dv_up = backend.backward(
-            grad.flip(2),
-            query_conj.flip(2),
-            _shift_reverse(key_conj, 2),
-            _shift_reverse(value, 2),
-            out.flip(2).contiguous(),
-            lse.flip(2).contiguous(),
-            _shift_reverse(key_mask, 1),
-            scale,
+            grad.flip(2), q_up, k_up, v_up, out.flip(2), lse.flip(2).contiguous(), mask_up, scale
         )
         dv = dv + _unshift_reverse(dv_up, 2)
         return dq, dk, dv, dq_up.flip(2), _unshift_reverse(dk_up, 2), None, None, None
