@@ -41,6 +41,11 @@ KERNELS = ("fused", "reference")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FLAG = "bico_bidirectional"
 
+_KV_CACHE_ERROR = (
+    "incremental decoding with a KV cache is not supported in bidirectional mode; "
+    "generate outside `bico.bidirectional(model)` (inference uses the causal model)."
+)
+
 _ACTIVE: Counter[int] = Counter()  # id(config) -> open `bidirectional` contexts
 _INV_FREQ_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -116,10 +121,7 @@ def _make_functions(kernel: str, base: str):
                 "`config.attention_dropout = 0.0` (the BICO recipe uses none)."
             )
         if key.shape[2] != query.shape[2]:
-            raise ValueError(
-                "incremental decoding with a KV cache is not supported in bidirectional mode; "
-                "generate outside `bico.bidirectional(model)` (inference uses the causal model)."
-            )
+            raise ValueError(_KV_CACHE_ERROR)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(query.shape[2], device=query.device)[None]
@@ -153,6 +155,10 @@ _BASES: dict[str, tuple[str, str]] = {}  # registered name -> (kernel, base impl
 
 def _add_flag(module, args, kwargs):
     if _ACTIVE[id(module.config)]:
+        past = kwargs.get("past_key_values")
+        # Refuse before any layer runs, so the caller's cache is left as it was.
+        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+            raise ValueError(_KV_CACHE_ERROR)
         kwargs[FLAG] = True
     return args, kwargs
 
