@@ -1,0 +1,277 @@
+"""Training batches: the BICO placeholder-mask denoising collator, the NTP collator, and the objective per step.
+
+BICO (Lv et al., arXiv 2311.07468, section 4.2) trains with *autoregressive mask denoising*: some input
+tokens are replaced by a placeholder that no query can attend to, and the ordinary shifted
+causal-LM loss makes output i predict the original token at i + 1, but only where that token was
+masked. Each training step is BICO or plain next-token prediction (NTP), 50/50 (section 4.3).
+
+What differs from a masked-LM collator (e.g. `transformers.DataCollatorForLanguageModeling`):
+    * no `[MASK]` token is added: the placeholder is an existing id (pad, else unk, else eos) and it
+      is hidden from every query by `attention_mask` 0, exactly like padding;
+    * no 80/10/10 split: every masked token becomes the placeholder;
+    * labels sit at the masked positions themselves; the model's shift turns them into
+      "output i predicts masked token i + 1", so position 0 is never masked (nothing predicts it).
+
+Collators take a list of examples `{"input_ids": list[int], ...}` (see `encode_rows`) and return
+padded tensors. They use no Accelerate and no model, so they fit any training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+IGNORE_INDEX = -100  # labels with this value carry no loss (the HF convention)
+DEFAULT_MASK_PROB = 0.15  # the public BICO code's rate
+
+
+def encode_rows(
+    prompts: Sequence[str], completions: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[list[dict], int]:
+    """Tokenize `prompt + completion` rows into training examples ending with EOS.
+
+    The tokenizer adds its own special tokens (BOS for Llama-style tokenizers); EOS is appended here
+    because Llama-style tokenizers never add it. The text is tokenized as one string, so the ids
+    match what the model sees when it reads the prompt and writes the completion.
+
+    Args:
+        prompts (`Sequence[str]`), completions (`Sequence[str]`): One row each; completions usually
+            start with a space.
+        tokenizer (`PreTrainedTokenizerBase`): Needs an `eos_token_id`.
+        max_length (`int`): Longer sequences (EOS included) are cut to this many tokens and then
+            end without EOS.
+
+    Returns:
+        `tuple[list[dict], int]`: the examples `{"input_ids": list[int], "index": int}` (`index` =
+        row number, used to seed the row's masking) and how many rows were truncated.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("`tokenizer` has no `eos_token_id`; training sequences must end with EOS.")
+    if max_length < 2:
+        raise ValueError(f"`max_length` must be at least 2, got {max_length}.")
+    texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+    examples, truncated = [], 0
+    for index, ids in enumerate(tokenizer(texts)["input_ids"]):
+        ids = list(ids) + [tokenizer.eos_token_id]
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[:max_length]
+        examples.append({"input_ids": ids, "index": index})
+    return examples, truncated
+
+
+def row_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for the randomness of one row in one epoch (e.g. which tokens BICO masks).
+
+    Keyed on the row rather than on the batch or the process, so the masks do not depend on the
+    batch size, the number of processes or whether the run was resumed.
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def choose_objective(seed: int, step: int, p_bico: float = 0.5, objective: str = "bico") -> str:
+    """The objective of one optimizer step: `objective` with probability `p_bico`, else `"ntp"`.
+
+    Drawn from an RNG keyed on `(seed, step)` alone, so every process picks the same objective at the
+    same step without communicating, and a resumed run repeats the sequence of the original one.
+
+    Args:
+        seed (`int`): The run's seed.
+        step (`int`): The optimizer step (0-based; all micro-batches of one step share it).
+        p_bico (`float`, *optional*, defaults to 0.5): Probability of `objective`; 0 gives pure NTP,
+            1 pure `objective`.
+        objective (`str`, *optional*, defaults to `"bico"`): The non-NTP objective of the mix
+            (`"bico"`, or another registered objective such as `"abi"`).
+
+    Returns:
+        `str`: `objective` or `"ntp"`.
+    """
+    if not 0.0 <= p_bico <= 1.0:
+        raise ValueError(f"`p_bico` must be in [0, 1], got {p_bico}.")
+    # random.Random seeds a str through SHA-512: the same on every process, platform and Python run.
+    draw = random.Random(f"objective/{seed}/{step}").random()  # in [0, 1)
+    return objective if draw < p_bico else "ntp"
+
+
+def pad_examples(examples: Sequence[dict], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad `input_ids` of `examples` into a batch.
+
+    Returns:
+        `tuple[torch.LongTensor, torch.LongTensor]`: `input_ids` and `attention_mask`, both (B, L)
+        with L the longest example; `attention_mask` is 1 on tokens and 0 on padding.
+    """
+    if not examples:
+        raise ValueError("`examples` is empty.")
+    lengths = [len(example["input_ids"]) for example in examples]
+    if min(lengths) == 0:
+        raise ValueError("an example has empty `input_ids`.")
+    input_ids = torch.full((len(examples), max(lengths)), pad_token_id, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (example, length) in enumerate(zip(examples, lengths)):
+        input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[row, :length] = 1
+    return input_ids, attention_mask
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    # Padding is marked by attention_mask, so any id works; Llama-2/3 tokenizers have no pad token.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("`tokenizer` has neither `pad_token_id` nor `eos_token_id` to pad with.")
+    return pad
+
+
+class NtpCollator:
+    """Next-token prediction batches: loss on every real token (prompt, completion and EOS).
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): Gives the pad id (pad, else eos).
+
+    Calling it on a list of examples `{"input_ids": list[int]}` returns a dict of (B, L) LongTensors:
+        `input_ids` (right-padded), `attention_mask` (0 on padding), `labels` (= `input_ids`, -100 on
+        padding). The model's shift makes output i predict token i + 1.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.pad_token_id = _pad_token_id(tokenizer)
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_examples(examples, self.pad_token_id)
+        # From the mask, not the id: the pad id may also be a real token (e.g. pad = eos).
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def default_placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The placeholder BICO writes over masked tokens: the pad id, else unk, else eos (no new vocabulary).
+
+    The id hardly matters: a placeholder is hidden from every query as a key; only its own query reads it.
+    """
+    for token_id in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError("`tokenizer` has no pad, unk or eos token; pass `placeholder_id` explicitly.")
+
+
+def mask_placeholders(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    maskable: torch.Tensor,
+    placeholder_id: int,
+    mask_prob: float = DEFAULT_MASK_PROB,
+    generators: Sequence[torch.Generator] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mask tokens independently with probability `mask_prob`, at least one per row.
+
+    For every row, a uniform number is drawn per real token (the row's own length, so padding never
+    changes the draw); a maskable token is masked when its number is below `mask_prob`. A row where
+    nothing was drawn but which has maskable tokens gets one, picked uniformly from them, so every
+    row carries some loss (a whole BICO batch without labels would make the mean loss 0/0). This
+    raises the effective rate slightly on short rows (by (1 - p)^n / n for n maskable tokens:
+    under 0.2 percentage points for n >= 20 at p = 0.15). A row with no maskable token gets no labels.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(B, L)`): Right-padded token ids.
+        attention_mask (`torch.LongTensor` of shape `(B, L)`): 1 on tokens, 0 on padding.
+        maskable (`torch.BoolTensor` of shape `(B, L)`): Where masking is allowed (real, non-special
+            tokens after position 0).
+        placeholder_id (`int`): Written over masked tokens.
+        mask_prob (`float`, *optional*, defaults to 0.15): Per-token masking probability, in (0, 1].
+        generators (`Sequence[torch.Generator]`, *optional*): One CPU generator per row; the default
+            global RNG when `None`.
+
+    Returns:
+        `dict[str, torch.Tensor]`: `input_ids` with placeholders (B, L); `attention_mask` (B, L), 0 at
+        placeholders and padding; `labels` (B, L), the original token at masked positions and -100
+        elsewhere.
+    """
+    if not 0.0 < mask_prob <= 1.0:
+        raise ValueError(f"`mask_prob` must be in (0, 1], got {mask_prob}.")
+    B, L = input_ids.shape
+    if generators is not None and len(generators) != B:
+        raise ValueError(f"`generators` has {len(generators)} entries for a batch of {B} rows.")
+    lengths = attention_mask.sum(dim=1).tolist()
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        generator = None if generators is None else generators[row]
+        draw = torch.rand(length, generator=generator)  # (length,)
+        candidates = maskable[row, :length].cpu()
+        hits = (draw < mask_prob) & candidates
+        if not hits.any() and candidates.any():
+            positions = candidates.nonzero().squeeze(1)
+            hits[positions[torch.randint(len(positions), (1,), generator=generator)]] = True
+        masked[row, :length] = hits
+    masked = masked.to(input_ids.device)
+    labels = input_ids.masked_fill(~masked, IGNORE_INDEX)
+    return {
+        "input_ids": input_ids.masked_fill(masked, placeholder_id),  # bico: placeholder, not [MASK]
+        "attention_mask": attention_mask.masked_fill(masked, 0),  # bico: no query sees a placeholder
+        "labels": labels,  # output i predicts masked token i + 1 through the model's shift
+    }
+
+
+class BicoCollator:
+    """BICO placeholder-mask denoising batches (arXiv 2311.07468, section 4.2).
+
+    Each non-special token after position 0 is masked independently with probability `mask_prob`
+    (at least one per row, see `mask_placeholders`): its id becomes `placeholder_id`, its
+    `attention_mask` 0, and its label the original token; every other label is -100. BOS, EOS, pad,
+    unk and any other special token are never masked, and neither is position 0.
+
+    Randomness: an example with a `"seed"` (int) draws its mask from a generator seeded with it (the
+    training loop passes `row_seed(seed, epoch, index)`, which makes masks independent of batching
+    and resumption); otherwise the collator's own generator, seeded with `seed`, is used in order.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): Gives the pad id and the special ids.
+        mask_prob (`float`, *optional*, defaults to 0.15): Per-token masking probability.
+        placeholder_id (`int`, *optional*): Defaults to `default_placeholder_id(tokenizer)` (pad, else
+            unk, else eos).
+        seed (`int`, *optional*, defaults to 0): Seeds the collator's own generator.
+        never_mask (`Iterable[int]`, *optional*): Extra ids never masked, besides the tokenizer's special ids.
+
+    Calling it on a list of examples `{"input_ids": list[int]}` returns a dict of (B, L) LongTensors
+    `input_ids`, `attention_mask`, `labels`. Run the forward inside `bico.bidirectional(model)`.
+
+    Example:
+        >>> collator = BicoCollator(tokenizer, mask_prob=0.15)
+        >>> batch = collator([{"input_ids": [1, 57, 91, 23, 2]}])
+        >>> with bico.bidirectional(model):
+        ...     loss = model(**batch, use_cache=False).loss
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        mask_prob: float = DEFAULT_MASK_PROB,
+        placeholder_id: int | None = None,
+        seed: int = 0,
+        never_mask: Iterable[int] = (),
+    ):
+        if not 0.0 < mask_prob <= 1.0:
+            raise ValueError(f"`mask_prob` must be in (0, 1], got {mask_prob}.")
+        self.mask_prob = mask_prob
+        self.pad_token_id = _pad_token_id(tokenizer)
+        self.placeholder_id = default_placeholder_id(tokenizer) if placeholder_id is None else placeholder_id
+        if not 0 <= self.placeholder_id < len(tokenizer):
+            raise ValueError(
+                f"`placeholder_id` must be an existing token id in [0, {len(tokenizer)}), got {self.placeholder_id}."
+            )
+        self.special_ids = torch.tensor(sorted({*tokenizer.all_special_ids, *never_mask}), dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_examples(examples, self.pad_token_id)
+        maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
+        maskable[:, 0] = False  # nothing predicts position 0
+        generators = [
+            torch.Generator().manual_seed(example["seed"]) if "seed" in example else self.generator
+            for example in examples
+        ]
+        return mask_placeholders(input_ids, attention_mask, maskable, self.placeholder_id, self.mask_prob, generators)

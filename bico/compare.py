@@ -1,0 +1,502 @@
+"""Objective comparison: the same model, seed and data trained with NTP, BICO and ABI, side by side.
+
+The BICO paper (arXiv 2311.07468, section 5, table 2) compares NTP, BICO and GLM's blank infilling on
+the name-description tasks of Berglund et al. (arXiv 2309.12288). This module repeats that comparison
+with `bico.training.train`: one run per (data set, seed, objective), one after another in this
+process, then one table (Markdown and JSON) and one plot of the reverse tasks against training steps.
+
+- Every run of a (data set, seed) starts from the same model (the scratch model is rebuilt from the
+  seed, or `model_name_or_path` is shared) and sees the same batches in the same order (the data
+  order is keyed on the seed only); only the objective differs.
+- A run lives in `output_dir/<data set>-<objective>-seed<seed>/`. A run whose `results.json` and
+  `final/` exist is finished and skipped; any other run is started with `resume_from_checkpoint=latest`,
+  so a half-finished one continues from its newest checkpoint.
+- The numbers are read back from the run directories (`results.json`, `eval_history.jsonl`), so a
+  skipped run counts exactly like one trained now.
+- Spread over seeds is the sample standard deviation (n - 1); with one seed there is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .data import DEFAULT_DATA_DIR
+from .training import DEFAULT_MAX_STEPS, OBJECTIVES, TrainConfig, build_parser as build_train_parser
+from .training import find_latest_checkpoint, load_yaml_config, train
+
+
+RESULTS_FILE = "results.json"  # written by `train` after the final evaluation: marks a finished run
+HISTORY_FILE = "eval_history.jsonl"  # evaluations during training, one JSON object per line
+CONFIG_FILE = "train_config.yaml"  # the run's TrainConfig, written by `train` when it starts
+OUTPUT_FILES = ("comparison.md", "comparison.json", "comparison.png")
+DEFAULT_OBJECTIVES = ("ntp", "bico", "abi")
+DEFAULT_OUTPUT_DIR = "runs/compare"
+# The comparison sets these per run; as overrides they would make every run the same.
+PER_RUN_FIELDS = ("objective", "seed", "data_dir", "output_dir", "resume_from_checkpoint")
+# TrainConfig fields that change neither the training nor its numbers; a finished run may differ in them.
+NON_RESULT_FIELDS = ("output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
+                     "checkpoints_total_limit", "eval_batch_size")
+# Per-task numbers of `bico.evaluation.evaluate` that are averaged over seeds.
+SUMMARY_METRICS = ("exact_match", "contains", "bleu_word", "bleu_char", "target_logprob", "random_logprob",
+                   "target_beats_random", "rank_accuracy", "rank_chance")
+PLOT_TASKS = ("n2d-reverse", "d2n-reverse")
+PLOT_METRICS = {"exact_match": "exact match", "rank_accuracy": "candidate-ranking accuracy"}
+# Fixed colours, so an objective looks the same in every panel and every plot.
+OBJECTIVE_COLORS = {"ntp": "tab:blue", "bico": "tab:orange", "abi": "tab:green"}
+EVALS_PER_RUN = 10  # default `eval_every` = max_steps / EVALS_PER_RUN
+
+
+@dataclass
+class CompareConfig:
+    """One comparison: which objectives, seeds and data sets, and the training options shared by all runs.
+
+    Args:
+        objectives (`list[str]`, defaults to `["ntp", "bico", "abi"]`): Names of `bico.training.OBJECTIVES`.
+        seeds (`list[int]`, defaults to `[0]`): One run per objective and seed.
+        data_dirs (`list[str | None]`, defaults to `[None]`): Name-description directories; None is the
+            project's `data/`. The directory names label the data sets and must differ.
+        output_dir (`str`, defaults to `"runs/compare"`): Receives the run directories and the comparison files.
+        train_overrides (`dict`, defaults to `{}`): `TrainConfig` fields for every run, e.g. `{"max_steps": 1000}`;
+            without `eval_every`, a run is evaluated 10 times during training (`max_steps // 10`).
+        collect_only (`bool`, defaults to `False`): Train nothing; tabulate the finished runs found.
+    """
+
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data_dirs: list[str | None] = field(default_factory=lambda: [None])
+    output_dir: str = DEFAULT_OUTPUT_DIR
+    train_overrides: dict = field(default_factory=dict)
+    collect_only: bool = False
+
+    def __post_init__(self):
+        for name in ("objectives", "seeds", "data_dirs"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"`{name}` is empty; give at least one.")
+            if len(set(values)) != len(values):
+                raise ValueError(f"`{name}` has repeats: {values}.")
+        for objective in self.objectives:
+            if objective not in OBJECTIVES:
+                raise ValueError(f"`objectives` must be among {', '.join(OBJECTIVES)}; got {objective!r}.")
+        labels = [dataset_label(d) for d in self.data_dirs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"`data_dirs` {self.data_dirs} have the same directory names {labels}; the names label the data sets.")
+        valid = [f.name for f in fields(TrainConfig)]
+        for key in self.train_overrides:
+            if key in PER_RUN_FIELDS:
+                raise ValueError(f"`{key}` is set per run by the comparison (--objectives, --seeds, --data_dir, --output_dir); remove it from the training options.")
+            if key not in valid:
+                raise ValueError(f"`train_overrides` has unknown field `{key}`; valid fields: {', '.join(valid)}.")
+        if self.run_configs()[0].eval_task_list() == []:
+            raise ValueError("`eval_tasks` is none; the comparison needs the final evaluation. Give `all` or a list of tasks.")
+
+    def run_configs(self) -> list[TrainConfig]:
+        """The runs, data set by data set, then seed by seed, then objective by objective.
+
+        All objectives of a seed come before the next seed, so a comparison stopped early still has
+        complete seeds. Raises `ValueError` for a bad training option.
+        """
+        options = dict(self.train_overrides)
+        if "eval_every" not in options:
+            steps = options.get("max_steps") or (DEFAULT_MAX_STEPS if options.get("num_train_epochs") is None else None)
+            options["eval_every"] = max(1, steps // EVALS_PER_RUN) if steps else 0
+        return [
+            TrainConfig(
+                **options, objective=objective, seed=seed, data_dir=data_dir, resume_from_checkpoint="latest",
+                output_dir=str(Path(self.output_dir) / run_name(data_dir, objective, seed)),
+            )
+            for data_dir in self.data_dirs
+            for seed in self.seeds
+            for objective in self.objectives
+        ]
+
+
+def dataset_label(data_dir: str | os.PathLike | None) -> str:
+    """The data set's name in run directories and tables: the directory name (`data` for the default)."""
+    path = DEFAULT_DATA_DIR if data_dir is None else Path(data_dir)
+    name = path.resolve().name or str(path)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def run_name(data_dir: str | os.PathLike | None, objective: str, seed: int) -> str:
+    """The run directory's name, e.g. `reversal_curse-bico-seed0`."""
+    return f"{dataset_label(data_dir)}-{objective}-seed{seed}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def run_status(run_dir: str | os.PathLike) -> str:
+    """`"finished"` (final evaluation written), `"partial"` (started; may have checkpoints) or `"new"`."""
+    run_dir = Path(run_dir)
+    if (run_dir / RESULTS_FILE).is_file() and (run_dir / "final" / "config.json").is_file():
+        return "finished"
+    return "partial" if (run_dir / CONFIG_FILE).is_file() else "new"
+
+
+def check_same_run(config: TrainConfig, run_dir: str | os.PathLike) -> None:
+    """Raise `ValueError` if `run_dir` holds a run with other training options than `config`.
+
+    Resuming or skipping such a run would mix two experiments in one table, so the caller must
+    choose another `output_dir` (or delete the run).
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return
+    stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    wanted = asdict(config)
+    differing = []
+    for key, value in wanted.items():
+        if key in NON_RESULT_FIELDS:
+            continue
+        old = stored.get(key, TrainConfig.__dataclass_fields__[key].default)
+        if key in ("data_dir", "model_name_or_path") and old is not None and value is not None:
+            same = Path(old).resolve() == Path(value).resolve()
+        else:
+            same = old == value
+        if not same:
+            differing.append(f"{key}: {old!r} there, {value!r} now")
+    if differing:
+        raise ValueError(
+            f"{path}: this run was made with other options ({'; '.join(differing)}); use another `output_dir` or delete {Path(run_dir)}."
+        )
+
+
+def run_one(config: TrainConfig) -> str:
+    """Train one run unless it is finished; resume it from its newest checkpoint if it has one.
+
+    Returns:
+        `str`: `"skipped"` (finished before), `"resumed"` (continued from a checkpoint) or `"trained"`.
+    """
+    run_dir = Path(config.output_dir)
+    check_same_run(config, run_dir)
+    if run_status(run_dir) == "finished":
+        return "skipped"
+    resumed = find_latest_checkpoint(run_dir) is not None
+    train(config)  # resume_from_checkpoint="latest": starts at step 0 when there is no checkpoint
+    return "resumed" if resumed else "trained"
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """Read a finished run back: its options, final results and evaluations during training.
+
+    Returns:
+        `dict`: `name`, `dataset`, `objective`, `seed`, `steps` (optimizer steps trained), `results`
+        (`{task: metrics}` of the final evaluation) and `history` (`[{"step", "tasks"}]`, in step order).
+    """
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    results = json.loads((run_dir / RESULTS_FILE).read_text(encoding="utf-8"))
+    history = []
+    if (run_dir / HISTORY_FILE).is_file():
+        lines = (run_dir / HISTORY_FILE).read_text(encoding="utf-8").splitlines()
+        history = [{"step": r["step"], "tasks": r["tasks"]} for r in map(json.loads, filter(str.strip, lines))]
+    return {
+        "name": run_dir.name,
+        "dataset": dataset_label(config.get("data_dir")),
+        "objective": config["objective"],
+        "seed": config["seed"],
+        "steps": results.get("training", {}).get("steps"),
+        "results": results["tasks"],
+        "history": sorted(history, key=lambda record: record["step"]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation over seeds
+# --------------------------------------------------------------------------------------------------
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """`{"mean", "std", "n", "values"}`; `std` is the sample standard deviation, None for one value."""
+    values = [float(v) for v in values]
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def _task_numbers(runs: list[dict], get_tasks) -> dict:
+    """`{task: {metric: summarize([...])}}` over `runs`, for the metrics every run has a number for."""
+    out = {}
+    tasks = dict.fromkeys(task for run in runs for task in get_tasks(run))
+    for task in tasks:
+        per_run = [get_tasks(run)[task] for run in runs if task in get_tasks(run)]
+        metrics = {}
+        for metric in SUMMARY_METRICS:
+            values = [m[metric] for m in per_run if m.get(metric) is not None]
+            if values:
+                metrics[metric] = summarize(values)
+        out[task] = metrics
+    return out
+
+
+def curve_points(run: dict) -> dict[int, dict]:
+    """`{step: {task: metrics}}`: the evaluations during training plus the final one at the last step."""
+    points = {record["step"]: dict(record["tasks"]) for record in run["history"]}
+    if run["steps"] is not None:
+        points[run["steps"]] = {**points.get(run["steps"], {}), **run["results"]}
+    return dict(sorted(points.items()))
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and spread over seeds of every run's final results and curves.
+
+    Args:
+        runs (`list[dict]`): `load_run` outputs (any data sets, objectives and seeds).
+
+    Returns:
+        `dict`: `{dataset: {objective: {"seeds": [...], "steps": [...], "final": {task: {metric: stats}},
+        "curves": {task: {metric: {"steps": [...], "mean": [...], "std": [...], "n": [...]}}}}}}`, where
+        `stats` is `summarize`'s dict; data sets and objectives in the order of `runs`.
+    """
+    out: dict = {}
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run["dataset"], {}).setdefault(run["objective"], []).append(run)
+    for dataset, objectives in groups.items():
+        for objective, group in objectives.items():
+            points = [curve_points(run) for run in group]
+            steps = sorted({step for p in points for step in p})
+            by_step = {step: _task_numbers([p for p in points if step in p], lambda p, s=step: p[s]) for step in steps}
+            curves: dict = {}
+            for step in steps:
+                for task, metrics in by_step[step].items():
+                    for metric, stats in metrics.items():
+                        curve = curves.setdefault(task, {}).setdefault(metric, {"steps": [], "mean": [], "std": [], "n": []})
+                        curve["steps"].append(step)
+                        curve["mean"].append(stats["mean"])
+                        curve["std"].append(stats["std"])
+                        curve["n"].append(stats["n"])
+            out.setdefault(dataset, {})[objective] = {
+                "seeds": [run["seed"] for run in group],
+                "steps": sorted({run["steps"] for run in group if run["steps"] is not None}),
+                "final": _task_numbers(group, lambda run: run["results"]),
+                "curves": curves,
+            }
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Table and plot
+# --------------------------------------------------------------------------------------------------
+
+
+def _cell(stats: dict | None, digits: int, spread: bool = True) -> str:
+    if stats is None:
+        return "-"
+    text = f"{stats['mean']:.{digits}f}"
+    # The chance rate is a property of the data, not of the run: no spread to show.
+    return text if stats["std"] is None or not spread else f"{text} ± {stats['std']:.{digits}f}"
+
+
+def format_comparison(summary: dict) -> str:
+    """Markdown tables of the final results: one per data set, one row per (task, objective).
+
+    Columns: seeds (n); Berglund exact match; candidate-ranking accuracy and its chance rate; the mean
+    log-probability of the target and of a random other person's answer, and how often the target wins
+    (the last three only for the tasks with a `*_randomized` file). `mean ± std` over seeds; `-` where a
+    metric does not apply.
+    """
+    header = ("| task | objective | n | exact match | rank accuracy | rank chance | log p(target) "
+              "| log p(random) | p(target) > p(random) |")
+    blocks = []
+    for dataset, objectives in summary.items():
+        steps = sorted({s for entry in objectives.values() for s in entry["steps"]})
+        lines = [f"### {dataset} ({', '.join(map(str, steps))} steps)", "", header, "|" + "---|" * 9]
+        tasks = list(dict.fromkeys(task for entry in objectives.values() for task in entry["final"]))
+        for task in tasks:
+            for objective, entry in objectives.items():
+                metrics = entry["final"].get(task)
+                if metrics is None:
+                    continue
+                n = max((stats["n"] for stats in metrics.values()), default=0)
+                cells = [task, objective, str(n), _cell(metrics.get("exact_match"), 3), _cell(metrics.get("rank_accuracy"), 3),
+                         _cell(metrics.get("rank_chance"), 3, spread=False), _cell(metrics.get("target_logprob"), 2),
+                         _cell(metrics.get("random_logprob"), 2), _cell(metrics.get("target_beats_random"), 3)]
+                lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def plot_comparison(summary: dict, path: str | os.PathLike | None = None, tasks: Sequence[str] = PLOT_TASKS):
+    """Plot the reverse tasks' metrics against training steps: one line per objective, mean over seeds.
+
+    One row of panels per (data set, metric in `PLOT_METRICS`), one column per task. The band is
+    mean ± std over seeds (none for one seed); the ranking panels show the chance rate as a dashed line.
+
+    Args:
+        summary (`dict`): `aggregate`'s output.
+        path (`str` or `os.PathLike`, *optional*): Where to save the PNG; not saved when None.
+        tasks (`Sequence[str]`, *optional*, defaults to `("n2d-reverse", "d2n-reverse")`): The columns.
+
+    Returns:
+        `matplotlib.figure.Figure`.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    rows = [(dataset, metric) for dataset in summary for metric in PLOT_METRICS]
+    fig = Figure(figsize=(5.5 * len(tasks), 3.4 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(tasks), squeeze=False)
+    for (dataset, metric), row in zip(rows, axes):
+        for task, ax in zip(tasks, row):
+            chance = None
+            for objective, entry in summary[dataset].items():
+                curve = entry["curves"].get(task, {}).get(metric)
+                if curve is None:
+                    continue
+                color = OBJECTIVE_COLORS.get(objective)
+                n = max(curve["n"])
+                ax.plot(curve["steps"], curve["mean"], marker="o", markersize=3, color=color, label=f"{objective} (n={n})")
+                if any(std is not None for std in curve["std"]):
+                    low = [m - (s or 0.0) for m, s in zip(curve["mean"], curve["std"])]
+                    high = [m + (s or 0.0) for m, s in zip(curve["mean"], curve["std"])]
+                    ax.fill_between(curve["steps"], low, high, color=color, alpha=0.2, linewidth=0)
+                chance_curve = entry["curves"].get(task, {}).get("rank_chance")
+                if chance_curve is not None:
+                    chance = chance_curve["mean"][-1]
+            if metric == "rank_accuracy" and chance is not None:
+                ax.axhline(chance, linestyle="--", color="gray", linewidth=1, label=f"chance ({chance:.3f})")
+            ax.set_title(f"{dataset}: {task}")
+            ax.set_xlabel("training step")
+            ax.set_ylabel(PLOT_METRICS[metric])
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize="small")
+            else:
+                ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparison
+# --------------------------------------------------------------------------------------------------
+
+
+def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
+    """Train (or resume, or skip) every run, then write and print the comparison.
+
+    Writes `comparison.md`, `comparison.json` and `comparison.png` to `config.output_dir` (on the main
+    process when launched with Accelerate) and prints the Markdown table.
+
+    Args:
+        config (`CompareConfig`): The comparison.
+        command (`str`, *optional*): The command line, recorded in the Markdown and JSON files.
+
+    Returns:
+        `dict`: The content of `comparison.json`: `command`, `settings`, `runs` (name, data set,
+        objective, seed, `status` in trained / resumed / skipped / finished / missing) and `summary`
+        (`aggregate`'s output).
+    """
+    from accelerate import PartialState
+
+    run_configs = config.run_configs()
+    statuses = {}
+    for run_config in run_configs:
+        name = Path(run_config.output_dir).name
+        if config.collect_only:
+            statuses[name] = "finished" if run_status(run_config.output_dir) == "finished" else "missing"
+            continue
+        PartialState().print(f"=== {name}: {run_status(run_config.output_dir)} run ===")
+        statuses[name] = run_one(run_config)
+        PartialState().print(f"=== {name}: {statuses[name]} ===")
+
+    runs = [load_run(c.output_dir) for c in run_configs if statuses[Path(c.output_dir).name] != "missing"]
+    summary = aggregate(runs)
+    comparison = {
+        "command": command,
+        "settings": {
+            "objectives": config.objectives,
+            "seeds": config.seeds,
+            "data_dirs": [str(DEFAULT_DATA_DIR if d is None else d) for d in config.data_dirs],
+            "train_overrides": config.train_overrides,
+            "eval_every": run_configs[0].eval_every,
+            "spread": "sample standard deviation over seeds (n - 1)",
+        },
+        "runs": [
+            {"name": Path(c.output_dir).name, "dataset": dataset_label(c.data_dir), "objective": c.objective,
+             "seed": c.seed, "status": statuses[Path(c.output_dir).name]}
+            for c in run_configs
+        ],
+        "summary": summary,
+    }
+    if PartialState().is_main_process:
+        write_comparison(comparison, config.output_dir)
+        print(format_comparison(summary) if summary else "no finished runs")
+    return comparison
+
+
+def write_comparison(comparison: dict, output_dir: str | os.PathLike) -> None:
+    """Write `comparison.json`, `comparison.md` and (when there are finished runs) `comparison.png`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    lines = ["# Objective comparison", ""]
+    if comparison.get("command"):
+        lines += ["```", comparison["command"], "```", ""]
+    missing = [run["name"] for run in comparison["runs"] if run["status"] == "missing"]
+    if missing:
+        lines += [f"Not finished (left out): {', '.join(missing)}.", ""]
+    lines += [
+        "Final evaluation of each run, mean ± sample std over seeds (n = seeds). Exact match: Berglund et al.'s "
+        "(stripped, lowercased greedy answer starts with the target). Rank accuracy: the target has the highest "
+        "log-probability among the file's distinct answers; rank chance: the same for a random ranking. "
+        "log p: total log-probability in nats of the target and of another person's answer (`*_randomized` files).",
+        "",
+        format_comparison(comparison["summary"]) if comparison["summary"] else "No finished runs.",
+        "",
+    ]
+    if comparison["summary"]:
+        plot_comparison(comparison["summary"], output_dir / "comparison.png")
+        lines += ["![reverse tasks against training steps](comparison.png)", ""]
+    (output_dir / "comparison.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The comparison's own flags; every other flag is a `TrainConfig` field (`scripts/finetune_bico.py`)."""
+    parser = argparse.ArgumentParser(
+        description="Train the same model with each objective (same seed, data and batch order), evaluate, compare.",
+        epilog="Every other flag is a training option shared by all runs, as in scripts/finetune_bico.py "
+        "(see its --help), e.g. --max_steps 1000 --eval_every 100 --per_device_train_batch_size 32; "
+        "--config FILE.yaml reads them from YAML. Default eval_every: max_steps // 10.",
+        allow_abbrev=False,  # `--seed 1` must not silently mean `--seeds 1`
+    )
+    parser.add_argument("--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES), help=f"any of {', '.join(OBJECTIVES)} (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per objective and seed (default: 0)")
+    parser.add_argument("--data_dir", nargs="+", default=[None], help="one or more name-description directories (default: data/)")
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="runs and comparison files (default: %(default)s)")
+    parser.add_argument("--collect_only", action="store_true", help="train nothing; tabulate the finished runs")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> CompareConfig:
+    """Build a `CompareConfig`: the comparison's flags, then training options from `--config` YAML and flags."""
+    args, rest = build_parser().parse_known_args(argv)
+    given = vars(build_train_parser().parse_args(rest))
+    overrides = load_yaml_config(given.pop("config")) if "config" in given else {}
+    overrides.update(given)
+    return CompareConfig(
+        objectives=args.objectives, seeds=args.seeds, data_dirs=args.data_dir, output_dir=args.output_dir,
+        train_overrides=overrides, collect_only=args.collect_only,
+    )
