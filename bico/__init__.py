@@ -5,8 +5,21 @@ denoising, so that a model trained on "A is B" can also answer "B is ?" (the rev
 """
 
 from .attention import bico_attention
+from .collators import BicoCollator, NtpCollator
+from .evaluation import evaluate
 from .patch import bidirectional, patch_llama, unpatch_llama
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
-__all__ = ["patch_llama", "unpatch_llama", "bidirectional", "bico_attention"]
+__all__ = [
+    "patch_llama",
+    "unpatch_llama",
+    "bidirectional",
+    "bico_attention",
+    "BicoCollator",
+    "NtpCollator",
+    "TrainConfig",
+    "train",
+    "evaluate",
+]

@@ -1,7 +1,7 @@
 """`bico-eval`: evaluate a saved model (or a LoRA adapter) on the name-description tasks.
 
-    bico-eval --task n2d-reverse --model runs/bico/final
-    bico-eval --task all --model runs/bico/final --output results.json --predictions predictions.jsonl
+    bico-eval --task n2d-reverse --model outputs/bico/final
+    bico-eval --task all --model outputs/bico/final --output results.json --predictions predictions.jsonl
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m bico.cli --task all --model DIR
 
 Prints a Markdown table of the metrics of `bico.evaluation.METRICS` on stdout. Bad input (an unknown

@@ -1,0 +1,22 @@
+"""The README's commands and its Python example are the first thing a newcomer runs: keep them working."""
+
+import re
+from pathlib import Path
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_opens_with_the_main_job_and_the_test_command():
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1)
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert commands[0].endswith("accelerate launch scripts/finetune_bico.py")
+    assert commands[1] == "python3 -m pytest -q"
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert ci.rstrip().splitlines()[-1] == commands[1]  # CI runs exactly the README's test command
+
+
+def test_python_api_example_runs(capsys):
+    section = README.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert re.fullmatch(r"BICO loss \d+\.\d{3}\n", capsys.readouterr().out)
