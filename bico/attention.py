@@ -135,22 +135,17 @@ def bico_attention_reference(
 # ----------------------------------------------------------------------------------------------
 
 
-def _shift_reverse(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Reverse `x` along `dim` and shift it one step right, with zeros entering at index 0.
+def _reverse_shift_index(length: int, device) -> torch.Tensor:
+    """The permutation [0, L-1, L-2, ..., 1]: reverse a sequence and shift it one step right.
 
-    After this, query i of the reversed sequence sees, through a causal mask, exactly the keys that
-    lay strictly after it in the original order (index 0 is a dummy key, always masked).
+    Through a causal mask, query i of the reversed queries then sees exactly the keys that lay
+    strictly after it in the original order; index 0 becomes a dummy key that the mask always hides
+    (its content, key 0, never gets attention, so its gradient is exactly 0). The permutation is its
+    own inverse, so the same gather maps the gradients back. One gather instead of flip + cat.
     """
-    x = x.flip(dim)
-    pad = torch.zeros_like(x.narrow(dim, 0, 1))
-    return torch.cat((pad, x.narrow(dim, 0, x.shape[dim] - 1)), dim=dim)
-
-
-def _unshift_reverse(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The adjoint of `_shift_reverse` (maps gradients back to the original order)."""
-    pad = torch.zeros_like(x.narrow(dim, 0, 1))
-    x = torch.cat((x.narrow(dim, 1, x.shape[dim] - 1), pad), dim=dim)
-    return x.flip(dim)
+    index = torch.arange(length, 0, -1, device=device)
+    index[0] = 0
+    return index
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -232,9 +227,11 @@ class _BicoFlashFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, query_conj, key_conj, key_mask, scale, backend):
+        perm = _reverse_shift_index(query.shape[2], query.device)
         q_up = query_conj.flip(2)  # (B, H, L, D), reversed
-        k_up, v_up = _shift_reverse(key_conj, 2), _shift_reverse(value, 2)  # (B, H_kv, L, D)
-        mask_up = _shift_reverse(key_mask, 1)  # (B, L); index 0 is the masked dummy
+        k_up, v_up = key_conj.index_select(2, perm), value.index_select(2, perm)  # (B, H_kv, L, D)
+        mask_up = key_mask.index_select(1, perm)  # (B, L)
+        mask_up[:, 0] = False  # the dummy key
 
         out_lo, lse_lo = backend.forward(query, key, value, key_mask, scale)
         out_up, lse_up = backend.forward(q_up, k_up, v_up, mask_up, scale)
@@ -251,13 +248,13 @@ class _BicoFlashFunction(torch.autograd.Function):
         # Backward needs a finite lse: on empty rows every score is -inf, so any value gives p = 0.
         lse = lse.masked_fill(torch.isinf(lse), 0.0)
 
-        ctx.save_for_backward(query, key, value, q_up, k_up, v_up, key_mask, mask_up, out, lse)
+        ctx.save_for_backward(query, key, value, q_up, k_up, v_up, key_mask, mask_up, perm, out, lse)
         ctx.scale, ctx.backend = scale, backend
         return out.transpose(1, 2).contiguous()  # (B, L, H, D)
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, q_up, k_up, v_up, key_mask, mask_up, out, lse = ctx.saved_tensors
+        query, key, value, q_up, k_up, v_up, key_mask, mask_up, perm, out, lse = ctx.saved_tensors
         scale, backend = ctx.scale, ctx.backend
         grad = grad.transpose(1, 2).contiguous()  # (B, H, L, D)
 
@@ -265,8 +262,8 @@ class _BicoFlashFunction(torch.autograd.Function):
         dq_up, dk_up, dv_up = backend.backward(
             grad.flip(2), q_up, k_up, v_up, out.flip(2), lse.flip(2).contiguous(), mask_up, scale
         )
-        dv = dv + _unshift_reverse(dv_up, 2)
-        return dq, dk, dv, dq_up.flip(2), _unshift_reverse(dk_up, 2), None, None, None
+        dv = dv.index_add_(2, perm, dv_up)  # dv_up[0] (the dummy) is 0 and lands on key 0
+        return dq, dk, dv, dq_up.flip(2), dk_up.index_select(2, perm), None, None, None
 
 
 _CUDA_CHECKED: dict[int, bool] = {}
