@@ -31,6 +31,33 @@ logger = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + D/2) pair of `x` (B, H, L, D) by the angles whose cos/sin are (B, 1, L, D/2).
+
+    Writes the two halves straight into the output: no `rotate_half` copy, no cat.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)  # keeps HF's (B, L, H, D) memory layout, so no copies on the way back
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class _ConjugateRotary(torch.autograd.Function):
+    """A rotation is orthogonal, so its backward is the same rotation with the sine negated."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin.neg()), None, None
+
+
 def conjugate_rotary(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate RoPE-rotated states by -2 * position, which turns the rotation R(m) into R(-m).
 
@@ -41,16 +68,15 @@ def conjugate_rotary(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torc
         inv_freq (`torch.Tensor` of shape `(D / 2,)`): the rotary inverse frequencies.
 
     Returns:
-        `torch.Tensor` of the shape and dtype of `x`. A scaled rotation (YaRN's attention factor)
-        keeps its scale, since a pure rotation is applied on top of it.
+        `torch.Tensor` of the shape and dtype of `x`, contiguous. A scaled rotation (YaRN's attention
+        factor) keeps its scale, since a pure rotation is applied on top of it. As in HF's own
+        `apply_rotary_pos_emb`, the angles are computed in float32 (float64 for float64 input) and
+        the rotation in the dtype of `x`.
     """
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     angles = -2.0 * position_ids[:, None, :, None].to(compute_dtype) * inv_freq.to(x.device, compute_dtype)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, 1, L, D)
-    x_c = x.to(compute_dtype)
-    x1, x2 = x_c.chunk(2, dim=-1)
-    rotated = x_c * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
-    return rotated.to(x.dtype)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (B, 1, L, D/2)
+    return _ConjugateRotary.apply(x, cos, sin)
 
 
 def _check_inputs(query, key, value, query_conj, key_conj, key_mask) -> None:

@@ -374,6 +374,19 @@ def test_conjugate_rotary_is_rotation_by_minus_position():
     assert conj.dtype == x.dtype and conj.shape == x.shape
 
 
+def test_conjugate_rotary_gradient_and_strided_input():
+    g = torch.Generator().manual_seed(7)
+    B, L, H, D = 2, 4, 3, 8
+    inv_freq = rope_inv_freq(D)
+    positions = torch.tensor([[0, 1, 2, 3], [5, 0, 7, 2]])
+    # HF hands the attention (B, H, L, D) views of (B, L, H, D) storage.
+    x = torch.randn(B, L, H, D, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: conjugate_rotary(t, positions, inv_freq), (x,))
+    torch.testing.assert_close(
+        conjugate_rotary(x, positions, inv_freq), conjugate_rotary(x.contiguous(), positions, inv_freq), rtol=0, atol=0
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Low precision: the fused kernel's error is at most 2x the reference's own error.
 # ----------------------------------------------------------------------------------------------
