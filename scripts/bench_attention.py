@@ -6,9 +6,11 @@ Compares, in one run and on the same inputs (B=2, H=8, D=64, padding and placeho
     sdpa-causal    torch SDPA, causal (what an NTP step pays)
     sdpa-full      torch SDPA, non-causal with the key mask (the same FLOPs as fused: the limit)
 
-Each (method, L) runs in a fresh subprocess so peak memory is that method's own: on CPU the peak
-resident set (VmHWM) above the level after the inputs were built; on CUDA
-`torch.cuda.max_memory_allocated` above the inputs.
+Each (method, L) runs in fresh subprocesses so peak memory is that method's own: on CUDA
+`torch.cuda.max_memory_allocated` above the inputs; on CPU the peak resident set (VmHWM) above the
+level after a warm-up step, measured in a second process started with `MALLOC_MMAP_THRESHOLD_=65536`
+so glibc returns freed buffers at once (without it, memory freed by the warm-up is silently reused
+and the peak is under-counted by a varying amount). Times come from the first process, unchanged.
 
     python scripts/bench_attention.py                       # CPU fp32, L in 512 2048 4096
     python scripts/bench_attention.py --device cuda         # bf16 on a GPU
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -63,6 +66,7 @@ def _step(method: str, q, k, v, q_conj, k_conj, key_mask):
 
 
 def worker(method: str, L: int, device: str, dtype: str, repeats: int) -> dict:
+    """Time `repeats` steps of one method after a warm-up; report the best time and the peak memory."""
     dtype = getattr(torch, dtype)
     inputs = _inputs(L, device, dtype)
     _step(method, *inputs)  # warm-up
@@ -87,6 +91,14 @@ def worker(method: str, L: int, device: str, dtype: str, repeats: int) -> dict:
     return {"method": method, "L": L, "seconds": min(times), "peak_mb": max(peak - base, 0) / 2**20}
 
 
+def _run_worker(cmd: list[str], env: dict | None = None) -> dict | None:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        print(f"{' '.join(cmd[3:5])} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,11 +120,13 @@ def main() -> None:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--worker", method, str(L), "--device", args.device,
                    "--dtype", dtype, "--repeats", str(args.repeats)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                print(f"{method} L={L} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+            row = _run_worker(cmd)
+            if row is not None and args.device == "cpu":
+                memory = _run_worker(cmd[:-1] + ["1"], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+                row["peak_mb"] = memory["peak_mb"] if memory else float("nan")
+            if row is None:
                 continue
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            rows.append(row)
             print(f"  measured {method:12s} L={L:5d}: {rows[-1]['seconds']:.3f} s", file=sys.stderr)
 
     print(f"\nbidirectional-RoPE attention, forward + backward, B={B} H={H} D={D}, {args.device} {dtype}, "
