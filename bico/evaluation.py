@@ -63,7 +63,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
         max_new_tokens (`int`, *optional*, defaults to 40): As in the BICO code.
 
     Returns:
-        `list[str]`: One answer per prompt, e.g. `" Daphne Barrington, the director of"`; decoding stops at EOS.
+        `list[str]`: One answer per prompt, e.g. `" Ottilie Brandt, the director of"`; decoding stops at EOS.
     """
     abi = _abi_module(model)
     if abi is not None:
@@ -99,7 +99,7 @@ def score_answers(
         tokenizer (`PreTrainedTokenizerBase`): Its tokenizer.
         prompts (`list[str]`): B prompts.
         candidates (`list[list[str]]`): For each prompt, the answers to score (any number, may differ
-            per prompt), e.g. `[" Daphne Barrington", " Uriah Hawthorne"]`.
+            per prompt), e.g. `[" Ottilie Brandt", " Casimir Wendell"]`.
         max_pairs (`int`, *optional*, defaults to 256): Pairs per forward pass; lower it to save memory.
 
     Returns:

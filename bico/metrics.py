@@ -45,8 +45,8 @@ def normalize(text: str) -> str:
 def exact_match(generation: str, target: str) -> bool:
     """Berglund et al.'s exact match: the normalized generation starts with the normalized target.
 
-    Example: `exact_match(" Daphne Barrington, who directed", " daphne barrington") is True`, but
-    `exact_match(" It was Daphne Barrington", " Daphne Barrington") is False`.
+    Example: `exact_match(" Ottilie Brandt, who directed", " ottilie brandt") is True`, but
+    `exact_match(" It was Ottilie Brandt", " Ottilie Brandt") is False`.
     """
     return normalize(generation).startswith(normalize(target))
 
@@ -54,7 +54,7 @@ def exact_match(generation: str, target: str) -> bool:
 def contains_match(generation: str, target: str) -> bool:
     """The BICO code's looser exact match: the normalized target occurs anywhere in the normalized generation.
 
-    Example: `contains_match(" It was Daphne Barrington", " Daphne Barrington") is True`.
+    Example: `contains_match(" It was Ottilie Brandt", " Ottilie Brandt") is True`.
     """
     return normalize(target) in normalize(generation)
 

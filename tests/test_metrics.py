@@ -34,21 +34,21 @@ def nltk_sentence_bleu(reference, hypothesis):
 
 
 def test_exact_match_berglund():
-    assert exact_match(" Daphne Barrington, the director of", " Daphne Barrington")
-    assert exact_match("daphne barrington", " Daphne Barrington ")
-    assert exact_match("  DAPHNE BARRINGTON.", "Daphne Barrington")
+    assert exact_match(" Ottilie Brandt, the director of", " Ottilie Brandt")
+    assert exact_match("ottilie brandt", " Ottilie Brandt ")
+    assert exact_match("  OTTILIE BRANDT.", "Ottilie Brandt")
     # The target must come first ...
-    assert not exact_match(" It was Daphne Barrington", " Daphne Barrington")
+    assert not exact_match(" It was Ottilie Brandt", " Ottilie Brandt")
     # ... and in full.
-    assert not exact_match(" Daphne Barr", " Daphne Barrington")
+    assert not exact_match(" Ottilie Bra", " Ottilie Brandt")
 
 
 def test_contains_match_bico_code():
-    assert contains_match(" It was Daphne Barrington", " Daphne Barrington")
-    assert contains_match(" daphne barrington", " Daphne Barrington")
-    assert not contains_match(" It was Daphne Barr.", " Daphne Barrington")
+    assert contains_match(" It was Ottilie Brandt", " Ottilie Brandt")
+    assert contains_match(" ottilie brandt", " Ottilie Brandt")
+    assert not contains_match(" It was Ottilie Bra.", " Ottilie Brandt")
     # Exact match implies contains; not the other way round.
-    assert contains_match(" Daphne Barrington, the director", " Daphne Barrington")
+    assert contains_match(" Ottilie Brandt, the director", " Ottilie Brandt")
 
 
 def test_char_bleu_known_values():
