@@ -68,7 +68,7 @@ def conjugate_rotary(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torc
         inv_freq (`torch.Tensor` of shape `(D / 2,)`): the rotary inverse frequencies.
 
     Returns:
-        `torch.Tensor` of the shape and dtype of `x`, contiguous. A scaled rotation (YaRN's attention
+        `torch.Tensor` of the shape, dtype and memory layout of `x`. A scaled rotation (YaRN's attention
         factor) keeps its scale, since a pure rotation is applied on top of it. As in HF's own
         `apply_rotary_pos_emb`, the angles are computed in float32 (float64 for float64 input) and
         the rotation in the dtype of `x`.

@@ -118,14 +118,13 @@ def main() -> None:
     rows = []
     for L in args.lengths:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--worker", method, str(L), "--device", args.device,
-                   "--dtype", dtype, "--repeats", str(args.repeats)]
-            row = _run_worker(cmd)
-            if row is not None and args.device == "cpu":
-                memory = _run_worker(cmd[:-1] + ["1"], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-                row["peak_mb"] = memory["peak_mb"] if memory else float("nan")
+            cmd = [sys.executable, __file__, "--worker", method, str(L), "--device", args.device, "--dtype", dtype]
+            row = _run_worker(cmd + ["--repeats", str(args.repeats)])
             if row is None:
                 continue
+            if args.device == "cpu":
+                memory = _run_worker(cmd + ["--repeats", "1"], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+                row["peak_mb"] = memory["peak_mb"] if memory else float("nan")
             rows.append(row)
             print(f"  measured {method:12s} L={L:5d}: {rows[-1]['seconds']:.3f} s", file=sys.stderr)
 
