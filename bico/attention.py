@@ -21,6 +21,7 @@ All take q (B, H, L, D), k and v (B, H_kv, L, D) with H a multiple of H_kv (GQA)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -79,9 +80,40 @@ def conjugate_rotary(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torc
     return _ConjugateRotary.apply(x, cos, sin)
 
 
+def _autocast_aware(kernel):
+    """Give a kernel one compute dtype under autocast, as `scaled_dot_product_attention` has.
+
+    Under autocast HF's RoPE multiplies the low-precision q and k by float32 cos/sin, so q and k
+    arrive in float32 and v in bf16/fp16. Stock SDPA is on autocast's lower-precision list and casts
+    all three to the autocast dtype; raw flash ops inside an autograd.Function are not, so the kernel
+    casts its five states here and then runs with autocast off (its softmax statistics stay float32).
+    """
+
+    @functools.wraps(kernel)
+    def wrapper(query, key, value, query_conj, key_conj, *args, **kwargs):
+        device_type = query.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            query, key, value, query_conj, key_conj = (
+                t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                for t in (query, key, value, query_conj, key_conj)
+            )
+            with torch.autocast(device_type, enabled=False):
+                return kernel(query, key, value, query_conj, key_conj, *args, **kwargs)
+        return kernel(query, key, value, query_conj, key_conj, *args, **kwargs)
+
+    return wrapper
+
+
 def _check_inputs(query, key, value, query_conj, key_conj, key_mask) -> None:
     if query.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"`query` has dtype {query.dtype}; expected one of {SUPPORTED_DTYPES}.")
+    dtypes = {t.dtype for t in (query, key, value, query_conj, key_conj)}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"`query`, `key`, `value`, `query_conj` and `key_conj` must share one dtype, got {sorted(map(str, dtypes))}; "
+            "cast them, or run under `torch.autocast`, which casts them to its dtype."
+        )
     B, H, L, D = query.shape
     H_kv = key.shape[1]
     if key.shape != value.shape or key.shape[0] != B or key.shape[-1] != D:
@@ -99,6 +131,7 @@ def _check_inputs(query, key, value, query_conj, key_conj, key_mask) -> None:
         raise ValueError(f"`key_mask` has shape {tuple(key_mask.shape)}; expected (B, L) = {(B, L)}.")
 
 
+@_autocast_aware
 def bico_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -127,7 +160,8 @@ def bico_attention_reference(
 
     Returns:
         `torch.Tensor` of shape `(B, L, H, D)`. A query that may attend to no key returns zeros
-        (and zero gradients), never NaN.
+        (and zero gradients), never NaN. Under `torch.autocast` the states are first cast to the
+        autocast dtype (as SDPA does), so the output has that dtype.
     """
     _check_inputs(query, key, value, query_conj, key_conj, key_mask)
     B, H, L, D = query.shape
@@ -322,6 +356,7 @@ def _cuda_backend_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _CUDA_CHECKED[index]
 
 
+@_autocast_aware
 def bico_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -348,8 +383,9 @@ def bico_attention(
         scale (`float`, *optional*): score scale, defaults to `1 / sqrt(D)`.
 
     Returns:
-        `torch.Tensor` of shape `(B, L, H, D)` in the dtype of `query`. A query with no visible key
-        returns zeros; its merged lse is -inf internally and its gradients are zero.
+        `torch.Tensor` of shape `(B, L, H, D)` in the dtype of `query` (under `torch.autocast`, in
+        the autocast dtype: the states are cast to it first, as SDPA does). A query with no visible
+        key returns zeros; its merged lse is -inf internally and its gradients are zero.
 
     CPU uses torch's flash-attention CPU ops; CUDA uses the memory-efficient attention ops after a
     one-time self-check against the reference (warning and falling back to the reference if they

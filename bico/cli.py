@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .data import DEFAULT_DATA_DIR, TASKS, load_task, resolve_tasks
+from .pretrained import CheckpointError, is_gguf, resolve_model_path
 
 
 # Any of these next to a model means a tokenizer was saved with it.
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", action="extend", nargs="+", required=True, metavar="TASK",
         help=f"One or more of {', '.join(TASKS)}, or all; repeat or list several.",
     )
-    parser.add_argument("--model", required=True, help="A directory saved with save_pretrained, or a LoRA adapter directory.")
+    parser.add_argument("--model", required=True, help="A directory saved with save_pretrained, a LoRA adapter directory, or a Llama-family .gguf file.")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help=f"Task files; default {DEFAULT_DATA_DIR}.")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="Prompts per batch (default 32).")
     parser.add_argument(
@@ -66,6 +67,8 @@ def load_model(model_dir, dtype: str = "auto"):
             tokenizer), or a peft adapter directory (adapter_config.json); the adapter's
             `base_model_name_or_path` is loaded, the adapter applied and merged (`merge_and_unload`).
             The tokenizer is taken from the adapter directory when it has one, else from the base.
+            A Llama-family `.gguf` file is converted once into a cached model directory
+            (`bico.pretrained.resolve_model_path`).
         dtype (`str`, *optional*, defaults to `"auto"`): One of `DTYPES`.
 
     Returns:
@@ -76,6 +79,11 @@ def load_model(model_dir, dtype: str = "auto"):
     """
     from transformers import AutoModelForCausalLM
 
+    if is_gguf(model_dir):
+        try:
+            model_dir = resolve_model_path(model_dir)  # converted once, then cached
+        except CheckpointError as error:
+            raise CliError(str(error)) from None
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CliError(

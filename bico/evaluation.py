@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from .compat import CACHE_KWARG, output_cache
 from .data import DEFAULT_DATA_DIR, TASKS, load_task, resolve_tasks
 from .metrics import char_bleu, contains_match, exact_match, mean_char_bleu, rank_correct, ranking_candidates, word_bleu
 
@@ -132,7 +133,7 @@ def score_answers(
     )
     # The last prompt position predicts every answer's first token.
     first_logprobs = prompt_out.logits[:, -1].float().log_softmax(-1)  # (B, V)
-    cache = [(layer.keys, layer.values) for layer in prompt_out.past_key_values.layers]
+    cache = [(layer.keys, layer.values) for layer in output_cache(prompt_out).layers]
     prompt_lengths = prompt_mask.sum(-1)  # (B,)
 
     # Pairs of similar answer length share a forward pass, so little of it is padding.
@@ -156,7 +157,7 @@ def score_answers(
                 input_ids=inputs,
                 attention_mask=torch.cat([prompt_mask[rows], inputs_mask], dim=1),
                 position_ids=prompt_lengths[rows, None] + offsets,
-                past_key_values=past,
+                **{CACHE_KWARG: past},
                 use_cache=True,
             ).logits  # (P, La - 1, V)
             token_logprobs = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)

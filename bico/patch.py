@@ -40,6 +40,7 @@ KERNELS = ("fused", "reference")
 # with the sequence length, so a rotated vector cannot be conjugated from the position alone.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FLAG = "bico_bidirectional"
+CACHE_KWARGS = ("cache", "past_key_values")  # the decoder's KV-cache argument: 5.24+ name, older name
 
 _KV_CACHE_ERROR = (
     "incremental decoding with a KV cache is not supported in bidirectional mode; "
@@ -155,10 +156,12 @@ _BASES: dict[str, tuple[str, str]] = {}  # registered name -> (kernel, base impl
 
 def _add_flag(module, args, kwargs):
     if _ACTIVE[id(module.config)]:
-        past = kwargs.get("past_key_values")
-        # Refuse before any layer runs, so the caller's cache is left as it was.
-        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
-            raise ValueError(_KV_CACHE_ERROR)
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name stays an alias until
+        # 5.40). Refuse before any layer runs, so the caller's cache is left as it was.
+        for name in CACHE_KWARGS:
+            past = kwargs.get(name)
+            if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+                raise ValueError(_KV_CACHE_ERROR)
         kwargs[FLAG] = True
     return args, kwargs
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import accelerate
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
@@ -39,8 +40,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from .abi import AbiCollator, prepare_abi_model
 from .collators import IGNORE_INDEX, BicoCollator, NtpCollator, choose_objective, encode_rows, row_seed
+from .compat import enable_activation_checkpointing
 from .data import TRAIN_FILE, load_train, resolve_tasks
 from .patch import bidirectional, patch_llama, unpatch_llama
+from .pretrained import is_gguf, resolve_model_path
 
 
 logger = get_logger(__name__)
@@ -64,7 +67,7 @@ class TrainConfig:
 
     # Model and data
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Llama-family model directory; None builds the small scratch model in output_dir/base"}
+        default=None, metadata={"help": "Llama-family model directory or .gguf file; None builds the small scratch model in output_dir/base"}
     )
     model_dtype: str = field(default="float32", metadata={"help": f"weights dtype when loading: {', '.join(DTYPE_CHOICES)}"})
     data_dir: str | None = field(default=None, metadata={"help": "name-description JSONL directory; None = the project's data/"})
@@ -340,10 +343,16 @@ def _model_dir(config: TrainConfig, accelerator: Accelerator, texts: list[str]) 
     """The model to fine-tune; builds the default scratch model (atomically) when none is given."""
     if config.model_name_or_path is not None:
         path = Path(config.model_name_or_path)
+        if is_gguf(path):
+            # Converted once into the cache (bico.pretrained); the other processes wait for it.
+            if accelerator.is_main_process:
+                resolve_model_path(path)
+            accelerator.wait_for_everyone()
+            return resolve_model_path(path)
         if not (path / "config.json").is_file():
             raise ValueError(
                 f"`model_name_or_path` {str(path)!r} is not a model directory (no config.json); pass a local "
-                "directory written by save_pretrained, or omit it to build the small scratch model."
+                "directory written by save_pretrained or a .gguf file, or omit it to build the small scratch model."
             )
         return path
     from .scratch import build_scratch_model
@@ -367,12 +376,7 @@ def _load_model(config: TrainConfig, model_dir: Path):
     if setup is not None:
         setup(model, tokenizer, config)
     if config.gradient_checkpointing:
-        # Non-reentrant: works with frozen embeddings (LoRA) and replays BICO mode (bico.patch).
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if config.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -455,6 +459,24 @@ def _cpu_threads(requested: int | None) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def _check_sharding(accelerator: Accelerator) -> None:
+    """Warn when `accelerate launch` asked for FSDP or DeepSpeed and Accelerate runs something else.
+
+    Accelerate 1.15 uses neither on CPU (measured): with ACCELERATE_USE_CPU=1 it runs plain DDP over gloo
+    (MULTI_CPU), so every process holds the whole model and optimizer state, and checkpoints are not sharded.
+    """
+    for flag, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(flag, "false").lower() == "true" and accelerator.distributed_type != kind:
+            logger.warning(
+                f"`accelerate launch` asked for {kind.value} but Accelerate runs {accelerator.distributed_type.value} "
+                "(it uses neither FSDP nor DeepSpeed on CPU): nothing is sharded."
+            )
+
+
+def _accelerate_version() -> tuple[int, int]:
+    return tuple(int(part) for part in accelerate.__version__.split(".")[:2])
+
+
 def train(config: TrainConfig) -> dict:
     """Fine-tune with `config.objective` mixed with NTP, save `output_dir/final`, evaluate.
 
@@ -476,6 +498,7 @@ def train(config: TrainConfig) -> dict:
         # The shuffling order of epoch e comes from seed + e, the same on every process and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    _check_sharding(accelerator)
     set_seed(config.seed)
     if accelerator.device.type == "cpu":
         torch.set_num_threads(_cpu_threads(config.cpu_threads))
@@ -534,6 +557,11 @@ def train(config: TrainConfig) -> dict:
         checkpoint = Path(checkpoint)
         if not (checkpoint / TRAINER_STATE).is_file():
             raise ValueError(f"`resume_from_checkpoint` {str(checkpoint)!r} is not a complete checkpoint (no {TRAINER_STATE}).")
+        if accelerator.distributed_type == DistributedType.FSDP and _accelerate_version() < (1, 15):
+            logger.warning(
+                f"resuming an FSDP run with accelerate {accelerate.__version__}: bico's tests found the resumed run "
+                "drifting from an uninterrupted one with accelerate < 1.15 (exact from 1.15 on); upgrade accelerate."
+            )
         accelerator.load_state(checkpoint)
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_done"]
@@ -660,14 +688,12 @@ def save_final_model(accelerator: Accelerator, model, tokenizer, config: TrainCo
     if accelerator.distributed_type == DistributedType.FSDP:
         state_dict = accelerator.get_state_dict(model)  # gathered on the main process
         if accelerator.is_main_process:
+            # Rebuild the model on the CPU as training built it (dtype, the objective's setup such as
+            # abi's resized embeddings, peft around a fresh base), load the gathered weights, merge there.
+            unsharded, _ = _load_model(config, model_dir)
+            unsharded.load_state_dict(state_dict)
             if config.lora_r > 0:
-                # Rebuild the peft model on the CPU around a fresh base, then merge there.
-                unsharded, _ = _load_model(config, model_dir)
-                unsharded.load_state_dict(state_dict)
                 unsharded = unsharded.merge_and_unload()
-            else:
-                unsharded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-                unsharded.load_state_dict(state_dict)
             _write_final(unpatch_llama(unsharded), tokenizer, config, final_dir)
         accelerator.wait_for_everyone()
         return AutoModelForCausalLM.from_pretrained(final_dir).to(accelerator.device)

@@ -42,6 +42,16 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory) -> Path:
+    """The first 24 rows of every file of data/ (randomized files stay aligned with their test files)."""
+    out = tmp_path_factory.mktemp("small_data")
+    for path in DATA_DIR.glob("*.jsonl"):
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        (out / path.name).write_text("".join(lines[:24]), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
 def berglund_dir() -> Path:
     """The Berglund et al. set in `<repo>/../shared/data/reversal_curse`; skips the test if absent."""
     if not (BERGLUND_DIR / "all_prompts_train.jsonl").exists():

@@ -7,6 +7,8 @@ tolerances used here.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -22,7 +24,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from bico.patch import bidirectional, is_patched, patch_llama, unpatch_llama
+from bico.compat import CACHE_KWARG, output_cache
+from bico.patch import CACHE_KWARGS, bidirectional, is_patched, patch_llama, unpatch_llama
 
 VOCAB = 100
 TINY = dict(
@@ -693,20 +696,31 @@ def test_attention_dropout_in_training_is_a_value_error():
         bico_logits(model, input_ids, attention_mask)
 
 
-def test_kv_cache_decoding_in_bico_mode_is_a_value_error():
+# Every KV-cache keyword the installed transformers accepts: `cache` (5.24+) and its deprecated alias
+# `past_key_values`, or only `past_key_values` before 5.24.
+ACCEPTED_CACHE_KWARGS = list(CACHE_KWARGS) if CACHE_KWARG == "cache" else ["past_key_values"]
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("cache_kwarg", ACCEPTED_CACHE_KWARGS)
+def test_kv_cache_decoding_in_bico_mode_is_a_value_error(cache_kwarg):
     model = patch_llama(tiny_model(seed=21))
     input_ids, attention_mask = batch(21, B=1, L=6)
     with torch.no_grad():
-        past = model(input_ids=input_ids[:, :5], use_cache=True).past_key_values
+        past = output_cache(model(input_ids=input_ids[:, :5], use_cache=True))
         with bidirectional(model):
             with pytest.raises(ValueError, match="cache"):
-                model(input_ids=input_ids[:, 5:], past_key_values=past, use_cache=True)
+                model(input_ids=input_ids[:, 5:], use_cache=True, **{cache_kwarg: past})
         # The refusal comes before any layer runs: the cache is untouched and decoding goes on
         # outside the mode exactly as the stock causal model's.
         assert past.get_seq_length() == 5
-        step = model(input_ids=input_ids[:, 5:], past_key_values=past, use_cache=True).logits
+        step = model(input_ids=input_ids[:, 5:], use_cache=True, **{cache_kwarg: past}).logits
     full = logits(model, input_ids)
     torch.testing.assert_close(step[:, -1], full[:, -1], rtol=0, atol=1e-10)
+
+
+def test_the_project_uses_the_installed_cache_kwarg():
+    assert CACHE_KWARG in inspect.signature(LlamaModel.forward).parameters
 
 
 def test_bidirectional_on_unpatched_model_is_a_value_error():

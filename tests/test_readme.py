@@ -20,3 +20,19 @@ def test_python_api_example_runs(capsys):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert re.fullmatch(r"BICO loss \d+\.\d{3}\n", capsys.readouterr().out)
+
+
+def test_ci_lowest_pins_are_the_lower_bounds_pyproject_claims():
+    import tomllib
+
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+    lower = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+).*", r).groups() for r in requirements if ">=" in r)
+    pins = dict(line.split("==") for line in (root / ".ci" / "lowest.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins and all(Version(lower[name]) == Version(version) for name, version in pins.items()), (pins, lower)
+    assert {"transformers", "peft", "accelerate"} <= pins.keys()
+    assert all(f"{name} {version}" in README for name, version in pins.items())  # the README states the tested range

@@ -17,21 +17,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from bico.collators import choose_objective
 from bico.training import TRAINER_STATE, TrainConfig, find_latest_checkpoint, parse_config, save_checkpoint, train
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "finetune_bico.py"
-
-
-@pytest.fixture(scope="module")
-def small_data_dir(tmp_path_factory, data_dir):
-    """The first 24 rows of every file of data/ (randomized files stay aligned with their test files)."""
-    out = tmp_path_factory.mktemp("data")
-    for path in Path(data_dir).glob("*.jsonl"):
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        (out / path.name).write_text("".join(lines[:24]), encoding="utf-8")
-    return out
 
 
 def _config(tmp_path, model_dir, data_dir, name="run", **overrides) -> TrainConfig:
@@ -263,3 +254,32 @@ def test_cpu_threads_undoes_accelerates_single_thread_default(monkeypatch):
     assert _cpu_threads(5) == 5  # --cpu_threads wins
     with pytest.raises(ValueError, match="`cpu_threads` must be positive"):
         TrainConfig(cpu_threads=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, precision", [("bico", ["launcher", "bf16"]), ("abi", ["script", "bf16"]),
+                                                  ("bico", ["script", "fp16"]), ("bico", ["weights", "bfloat16"])])
+def test_mixed_precision_and_bf16_weights_under_accelerate_launch(tmp_path, tiny_model_dir, small_data_dir, objective, precision):
+    """`accelerate launch` with bf16/fp16 autocast (as a launcher or a script flag) and pure bf16 weights."""
+    where, dtype = precision
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / "configs" / "accelerate_cpu.yaml")]
+    script = [str(SCRIPT), "--model_name_or_path", str(tiny_model_dir), "--data_dir", str(small_data_dir),
+              "--output_dir", str(tmp_path / "run"), "--objective", objective, "--max_train_samples", "32",
+              "--per_device_train_batch_size", "8", "--max_steps", "6", "--checkpointing_steps", "3",
+              "--eval_tasks", "n2d-reverse", "--eval_max_new_tokens", "4"]
+    if where == "launcher":
+        launch += ["--mixed_precision", dtype]
+    elif where == "script":
+        script += ["--mixed_precision", dtype]
+    else:
+        script += ["--model_dtype", dtype]
+    completed = subprocess.run(launch + script, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert objective in {choose_objective(0, step, 0.5, objective) for step in range(6)}  # seed 0 draws it
+    weights = _weights(tmp_path / "run")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+    expected = torch.bfloat16 if where == "weights" else torch.float32  # autocast keeps float32 master weights
+    assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == expected
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["tasks"]["n2d-reverse"]["count"] == 24
