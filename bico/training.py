@@ -588,7 +588,11 @@ def train(config: TrainConfig) -> dict:
     model.train()
     while global_step < total_steps:
         dataloader.set_epoch(epoch)
-        batches = skip_first_batches(dataloader, batches_done) if batches_done else dataloader
+        batches = dataloader
+        if batches_done:
+            batches = skip_first_batches(dataloader, batches_done)
+            # accelerate 1.8-1.14 start the new loader at epoch 0, i.e. with another data order (measured).
+            batches.set_epoch(epoch)
         for raw in batches:
             batches_done += 1
             objective = config.objective if config.objective == "ntp" else choose_objective(
