@@ -3,8 +3,9 @@
 A data directory holds JSONL files whose rows are `{"prompt": str, "completion": str}`; the training
 text of a row is `prompt + completion` (+ EOS, added by the collators). The BICO paper (arXiv
 2311.07468, section 5) trains on `all_prompts_train.jsonl` and tests on the files of the five tasks in
-`TASKS`. The project's own generated set lives in `data/` (`DEFAULT_DATA_DIR`) with the same file names
-as the real set; pass `data_dir` to use another directory.
+`TASKS`. The project's own generated set, with the same file names as the real set, ships inside the
+package (`DEFAULT_DATA_DIR` = `bico/dataset/`, which the checkout's `data/` links to); pass `data_dir`
+to use another directory.
 
 Every malformed file raises `DataError` with one line, `path:line: what is wrong` (`path: what is
 wrong` when the problem concerns the whole file, e.g. a missing file).
@@ -12,6 +13,7 @@ wrong` when the problem concerns the whole file, e.g. a missing file).
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from collections.abc import Iterable
@@ -22,7 +24,8 @@ from typing import Literal
 from datasets import Dataset
 
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# Package data, so every kind of install has it; the checkout's `data/` is a link to the same files.
+DEFAULT_DATA_DIR = Path(str(importlib.resources.files("bico") / "dataset"))
 TRAIN_FILE = "all_prompts_train.jsonl"
 REQUIRED_FIELDS = ("prompt", "completion")
 

@@ -12,21 +12,11 @@ built from scratch, in under 10 minutes on 2 CPU cores, ending with the evaluati
     accelerate launch scripts/finetune_bico.py --config configs/train_llama2_lora.yaml   # flags from YAML
     accelerate launch scripts/finetune_bico.py --resume_from_checkpoint latest      # after a crash
 
-Every flag is a field of `bico.training.TrainConfig`; `--help` lists them with their defaults.
+Every flag is a field of `bico.training.TrainConfig`; `--help` lists them with their defaults. The same
+command is installed as `bico-train` (and `accelerate launch -m bico.train`), for installs without the checkout.
 """
 
-import sys
-
-from bico.training import parse_config, train
-
-
-def main() -> None:
-    try:
-        train(parse_config())
-    except ValueError as error:  # bad options and bad data (`DataError`): one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
+from bico.train import main
 
 if __name__ == "__main__":
     main()

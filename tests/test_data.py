@@ -15,7 +15,7 @@ GOOD = json.dumps({"prompt": "Who is Ada?", "completion": " Ada Orr"})
 
 
 def test_default_data_dir_is_repo_data(data_dir):
-    assert DEFAULT_DATA_DIR == data_dir
+    assert DEFAULT_DATA_DIR.resolve() == data_dir.resolve()  # data/ links to the package's copy
     assert (DEFAULT_DATA_DIR / "all_prompts_train.jsonl").is_file()
 
 

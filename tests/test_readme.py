@@ -36,3 +36,12 @@ def test_ci_lowest_pins_are_the_lower_bounds_pyproject_claims():
     assert pins and all(Version(lower[name]) == Version(version) for name, version in pins.items()), (pins, lower)
     assert {"transformers", "peft", "accelerate"} <= pins.keys()
     assert all(f"{name} {version}" in README for name, version in pins.items())  # the README states the tested range
+
+
+def test_version_is_written_once():
+    import importlib.metadata
+
+    import bico
+
+    assert importlib.metadata.version("bico") == bico.__version__
+    assert "version =" not in (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text().split("[project]")[1].split("[")[0]

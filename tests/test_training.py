@@ -283,3 +283,17 @@ def test_mixed_precision_and_bf16_weights_under_accelerate_launch(tmp_path, tiny
     assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == expected
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["tasks"]["n2d-reverse"]["count"] == 24
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_the_module_equals_the_script(tmp_path, tiny_model_dir, small_data_dir):
+    """`accelerate launch -m bico.train` (what `bico-train` installs) and `scripts/finetune_bico.py` train alike."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / "configs" / "accelerate_cpu.yaml")]
+    options = ["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(small_data_dir), "--max_train_samples", "16",
+               "--per_device_train_batch_size", "8", "--max_steps", "3", "--checkpointing_steps", "0", "--eval_tasks", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, target in (("module", ["-m", "bico.train"]), ("script", [str(SCRIPT)])):
+        completed = subprocess.run(launch + target + options + ["--output_dir", str(tmp_path / name)], env=env,
+                                   capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    assert _max_difference(_weights(tmp_path / "module"), _weights(tmp_path / "script")) == 0.0
