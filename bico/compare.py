@@ -123,6 +123,8 @@ class CompareConfig:
 def dataset_label(data_dir: str | os.PathLike | None) -> str:
     """The data set's name in run directories and tables: the directory name (`data` for the default)."""
     path = DEFAULT_DATA_DIR if data_dir is None else Path(data_dir)
+    if path.resolve() == DEFAULT_DATA_DIR.resolve():
+        return "data"  # the packaged set, however it is reached (bico/dataset, or the checkout's data/ link)
     name = path.resolve().name or str(path)
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 

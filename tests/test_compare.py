@@ -86,7 +86,7 @@ def fake_runs(tmp_path):
 
 def test_run_name_encodes_data_set_objective_and_seed(tmp_path):
     assert run_name("../shared/data/reversal_curse", "bico", 1) == "reversal_curse-bico-seed1"
-    assert run_name(None, "ntp", 0) == "data-ntp-seed0"
+    assert run_name(None, "ntp", 0) == run_name("data", "ntp", 0) == "data-ntp-seed0"
     assert dataset_label(tmp_path / "my set") == "my_set"
     config = CompareConfig(objectives=["ntp", "abi"], seeds=[3], data_dirs=[None, str(tmp_path / "b")],
                            output_dir=str(tmp_path), train_overrides={"max_steps": 40})
