@@ -113,8 +113,8 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A model directory for `path`: itself, or for a `.gguf` file its cached conversion.
 
-    The conversion lives in `cache_dir() / "gguf" / <file stem>-<hash of path, size and mtime>`, so an
-    edited or replaced file is converted again.
+    The conversion lives in `cache_dir() / "transformers-<version>" / "gguf" / <file stem>-<hash of path,
+    size and mtime>`, so an edited or replaced file, or another transformers release, converts it again.
     """
     path = Path(path).expanduser()
     if not is_gguf(path):
@@ -123,7 +123,19 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"GGUF file not found: {path}; pass the path of a .gguf model file.")
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key}")
+    return convert_gguf(path, cache_dir() / _conversions() / "gguf" / f"{path.stem}-{key}")
+
+
+def _conversions() -> str:
+    """The cache folder of this transformers release's conversions.
+
+    A conversion is reused only by the release that wrote it: the tokenizer files that transformers
+    5.0 writes for SmolLM2's GGUF file load in 5.24 as another tokenizer class that decodes wrongly
+    (measured: " Paris" came out as "ĠaĠcountry...").
+    """
+    import transformers
+
+    return f"transformers-{transformers.__version__}"
 
 
 def fetch_smollm2_gguf(cache: str | os.PathLike | None = None) -> Path:
@@ -170,13 +182,14 @@ def fetch_smollm2(cache: str | os.PathLike | None = None) -> Path:
         cache (`str` or `os.PathLike`, *optional*): Cache directory; defaults to `cache_dir()`.
 
     Returns:
-        `Path`: the model directory, e.g. `~/.cache/bico/SmolLM2-135M-Instruct` (538 MB, float32).
+        `Path`: the model directory, e.g. `~/.cache/bico/transformers-5.24.0/SmolLM2-135M-Instruct`
+        (538 MB, float32; one per transformers release, see `_conversions`).
 
     Raises:
         CheckpointError: the download failed or `gguf` is missing.
     """
     root = Path(cache).expanduser() if cache is not None else cache_dir()
-    model_dir = root / SMOLLM2_DIR_NAME
+    model_dir = root / _conversions() / SMOLLM2_DIR_NAME
     if (model_dir / "config.json").is_file():
         return model_dir
     _require_gguf()  # before a download it could not read

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -283,7 +284,7 @@ def test_bico_eval_takes_a_gguf_file(tmp_path, smollm2_dir, small_data_dir):
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "| n2d-reverse | 24 |" in completed.stdout
-    (converted,) = (tmp_path / "cache" / "gguf").iterdir()
+    (converted,) = (tmp_path / "cache" / f"transformers-{transformers.__version__}" / "gguf").iterdir()
     assert converted.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     weights, fetched = load_file(converted / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
     assert weights.keys() == fetched.keys() and all(torch.equal(weights[k], fetched[k]) for k in weights)
