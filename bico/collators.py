@@ -25,9 +25,16 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-
-IGNORE_INDEX = -100  # labels with this value carry no loss (the HF convention)
-DEFAULT_MASK_PROB = 0.15  # the public BICO code's rate
+from .masking import (  # noqa: F401  (the masking API stays importable from here)
+    DEFAULT_MASK_PROB,
+    IGNORE_INDEX,
+    SCHEDULES,
+    check_schedule,
+    find_word_starts,
+    mask_placeholders,
+    maskable_positions,
+    word_start_table,
+)
 
 
 def encode_rows(
@@ -159,82 +166,51 @@ def default_placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
     raise ValueError("`tokenizer` has no pad, unk or eos token; pass `placeholder_id` explicitly.")
 
 
-def mask_placeholders(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    maskable: torch.Tensor,
-    placeholder_id: int,
-    mask_prob: float = DEFAULT_MASK_PROB,
-    generators: Sequence[torch.Generator] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Mask tokens independently with probability `mask_prob`, at least one per row.
-
-    For every row, a uniform number is drawn per real token (the row's own length, so padding never
-    changes the draw); a maskable token is masked when its number is below `mask_prob`. A row where
-    nothing was drawn but which has maskable tokens gets one, picked uniformly from them, so every
-    row carries some loss (a whole BICO batch without labels would make the mean loss 0/0). This
-    raises the effective rate slightly on short rows (by (1 - p)^n / n for n maskable tokens:
-    under 0.2 percentage points for n >= 20 at p = 0.15). A row with no maskable token gets no labels.
-
-    Args:
-        input_ids (`torch.LongTensor` of shape `(B, L)`): Right-padded token ids.
-        attention_mask (`torch.LongTensor` of shape `(B, L)`): 1 on tokens, 0 on padding.
-        maskable (`torch.BoolTensor` of shape `(B, L)`): Where masking is allowed (real, non-special
-            tokens after position 0).
-        placeholder_id (`int`): Written over masked tokens.
-        mask_prob (`float`, *optional*, defaults to 0.15): Per-token masking probability, in (0, 1].
-        generators (`Sequence[torch.Generator]`, *optional*): One CPU generator per row; the default
-            global RNG when `None`.
-
-    Returns:
-        `dict[str, torch.Tensor]`: `input_ids` with placeholders (B, L); `attention_mask` (B, L), 0 at
-        placeholders and padding; `labels` (B, L), the original token at masked positions and -100
-        elsewhere.
-    """
-    if not 0.0 < mask_prob <= 1.0:
-        raise ValueError(f"`mask_prob` must be in (0, 1], got {mask_prob}.")
-    B, L = input_ids.shape
-    if generators is not None and len(generators) != B:
-        raise ValueError(f"`generators` has {len(generators)} entries for a batch of {B} rows.")
-    lengths = attention_mask.sum(dim=1).tolist()
-    masked = torch.zeros(B, L, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        generator = None if generators is None else generators[row]
-        draw = torch.rand(length, generator=generator)  # (length,)
-        candidates = maskable[row, :length].cpu()
-        hits = (draw < mask_prob) & candidates
-        if not hits.any() and candidates.any():
-            positions = candidates.nonzero().squeeze(1)
-            hits[positions[torch.randint(len(positions), (1,), generator=generator)]] = True
-        masked[row, :length] = hits
-    masked = masked.to(input_ids.device)
-    labels = input_ids.masked_fill(~masked, IGNORE_INDEX)
-    return {
-        "input_ids": input_ids.masked_fill(masked, placeholder_id),  # bico: placeholder, not [MASK]
-        "attention_mask": attention_mask.masked_fill(masked, 0),  # bico: no query sees a placeholder
-        "labels": labels,  # output i predicts masked token i + 1 through the model's shift
-    }
+def _example_labels(examples: Sequence[dict], length: int) -> torch.Tensor | None:
+    """The examples' own `labels`, right-padded with -100 to (B, `length`); `None` if none has any."""
+    if all(example.get("labels") is None for example in examples):
+        return None
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    for row, example in enumerate(examples):
+        if example.get("labels") is None:
+            labels[row, : len(example["input_ids"])] = torch.as_tensor(example["input_ids"])  # all of it may be masked
+            continue
+        if len(example["labels"]) != len(example["input_ids"]):
+            raise ValueError(
+                f"example {row} has {len(example['labels'])} `labels` for {len(example['input_ids'])} `input_ids`; "
+                "they must have the same length."
+            )
+        labels[row, : len(example["labels"])] = torch.as_tensor(example["labels"], dtype=torch.long)
+    return labels
 
 
 class BicoCollator:
     """BICO placeholder-mask denoising batches (arXiv 2311.07468, section 4.2).
 
-    Each non-special token after position 0 is masked independently with probability `mask_prob`
-    (at least one per row, see `mask_placeholders`): its id becomes `placeholder_id`, its
-    `attention_mask` 0, and its label the original token; every other label is -100. BOS, EOS, pad,
-    unk and any other special token are never masked, and neither is position 0.
+    Tokens are masked by `schedule` (see `bico.masking.mask_placeholders`; at least one per row): a
+    masked token's id becomes `placeholder_id`, its `attention_mask` 0, and its label the original
+    token; every other label is -100. BOS, EOS, pad, unk and any other special token are never
+    masked, and neither is position 0. An example may carry its own `"labels"` (list[int], as long
+    as `input_ids`): a token whose label is -100 there (e.g. a prompt token) is never masked, so it
+    never becomes a target.
 
     Randomness: an example with a `"seed"` (int) draws its mask from a generator seeded with it (the
     training loop passes `row_seed(seed, epoch, index)`, which makes masks independent of batching
     and resumption); otherwise the collator's own generator, seeded with `seed`, is used in order.
 
     Args:
-        tokenizer (`PreTrainedTokenizerBase`): Gives the pad id and the special ids.
-        mask_prob (`float`, *optional*, defaults to 0.15): Per-token masking probability.
+        tokenizer (`PreTrainedTokenizerBase`): Gives the pad id, the special ids and, for `"span"`,
+            the word starts.
+        mask_prob (`float`, *optional*, defaults to 0.15): Masking rate of `"fixed"` (per token) and
+            `"span"` (per word), in (0, 1].
         placeholder_id (`int`, *optional*): Defaults to `default_placeholder_id(tokenizer)` (pad, else
             unk, else eos).
         seed (`int`, *optional*, defaults to 0): Seeds the collator's own generator.
         never_mask (`Iterable[int]`, *optional*): Extra ids never masked, besides the tokenizer's special ids.
+        schedule (`str`, *optional*, defaults to `"fixed"`): `"fixed"` (the paper's rule), `"uniform"`
+            (a rate per row from U(`mask_min`, `mask_max`), MLM-U) or `"span"` (whole words in runs).
+        mask_min (`float`, *optional*, defaults to 0.0), mask_max (`float`, *optional*, defaults to 1.0):
+            The range of the `"uniform"` rate.
 
     Calling it on a list of examples `{"input_ids": list[int]}` returns a dict of (B, L) LongTensors
     `input_ids`, `attention_mask`, `labels`. Run the forward inside `bico.bidirectional(model)`.
@@ -253,25 +229,37 @@ class BicoCollator:
         placeholder_id: int | None = None,
         seed: int = 0,
         never_mask: Iterable[int] = (),
+        *,
+        schedule: str = "fixed",
+        mask_min: float = 0.0,
+        mask_max: float = 1.0,
     ):
-        if not 0.0 < mask_prob <= 1.0:
-            raise ValueError(f"`mask_prob` must be in (0, 1], got {mask_prob}.")
-        self.mask_prob = mask_prob
+        check_schedule(schedule, mask_prob, mask_min, mask_max)
+        self.mask_prob, self.schedule, self.mask_min, self.mask_max = mask_prob, schedule, mask_min, mask_max
         self.pad_token_id = _pad_token_id(tokenizer)
         self.placeholder_id = default_placeholder_id(tokenizer) if placeholder_id is None else placeholder_id
         if not 0 <= self.placeholder_id < len(tokenizer):
             raise ValueError(
                 f"`placeholder_id` must be an existing token id in [0, {len(tokenizer)}), got {self.placeholder_id}."
             )
-        self.special_ids = torch.tensor(sorted({*tokenizer.all_special_ids, *never_mask}), dtype=torch.long)
+        self.special_ids = sorted({*tokenizer.all_special_ids, *never_mask})
+        self.tokenizer = tokenizer
+        # Built once: reading a 50k vocabulary per batch would cost more than the masking.
+        self.word_table = word_start_table(tokenizer) if schedule == "span" else None
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = pad_examples(examples, self.pad_token_id)
-        maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
-        maskable[:, 0] = False  # nothing predicts position 0
+        labels = _example_labels(examples, input_ids.shape[1])
+        maskable = maskable_positions(input_ids, attention_mask, self.special_ids, labels)
         generators = [
             torch.Generator().manual_seed(example["seed"]) if "seed" in example else self.generator
             for example in examples
         ]
-        return mask_placeholders(input_ids, attention_mask, maskable, self.placeholder_id, self.mask_prob, generators)
+        word_starts = None
+        if self.schedule == "span":
+            word_starts = find_word_starts(input_ids, self.tokenizer, self.word_table, self.special_ids)
+        return mask_placeholders(
+            input_ids, attention_mask, maskable, self.placeholder_id, self.mask_prob, generators,
+            schedule=self.schedule, mask_min=self.mask_min, mask_max=self.mask_max, word_starts=word_starts,
+        )
