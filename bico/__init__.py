@@ -8,6 +8,7 @@ from .attention import bico_attention
 from .collators import BicoCollator, NtpCollator
 from .evaluation import evaluate
 from .patch import bidirectional, patch_llama, unpatch_llama
+from .trainer import BicoTrainer, BicoTrainerMixin
 from .training import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __all__ = [
     "bico_attention",
     "BicoCollator",
     "NtpCollator",
+    "BicoTrainer",
+    "BicoTrainerMixin",
     "TrainConfig",
     "train",
     "evaluate",

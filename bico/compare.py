@@ -29,9 +29,11 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoints import find_latest_checkpoint
+from .config import DEFAULT_MAX_STEPS, TrainConfig, build_parser as build_train_parser, load_yaml_config
 from .data import DEFAULT_DATA_DIR
-from .training import DEFAULT_MAX_STEPS, OBJECTIVES, TrainConfig, build_parser as build_train_parser
-from .training import find_latest_checkpoint, load_yaml_config, train
+from .objectives import OBJECTIVES
+from .training import train
 
 
 RESULTS_FILE = "results.json"  # written by `train` after the final evaluation: marks a finished run
@@ -60,7 +62,7 @@ class CompareConfig:
     """One comparison: which objectives, seeds and data sets, and the training options shared by all runs.
 
     Args:
-        objectives (`list[str]`, defaults to `["ntp", "bico", "abi"]`): Names of `bico.training.OBJECTIVES`.
+        objectives (`list[str]`, defaults to `["ntp", "bico", "abi"]`): Names of `bico.objectives.OBJECTIVES`.
         seeds (`list[int]`, defaults to `[0]`): One run per objective and seed.
         data_dirs (`list[str | None]`, defaults to `[None]`): Name-description directories; None is the
             project's `data/`. The directory names label the data sets and must differ.

@@ -4,7 +4,7 @@
     accelerate launch -m bico.train                                # the default experiment, as scripts/finetune_bico.py
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m bico.train   # 2 CPU processes (gloo)
 
-Every flag is a field of `bico.training.TrainConfig` (`--help` lists them). Bad options and bad data
+Every flag is a field of `bico.config.TrainConfig` (`--help` lists them). Bad options and bad data
 print one line `error: ...` on stderr and exit with code 2, without a traceback.
 """
 

@@ -12,7 +12,7 @@ newest checkpoint, so re-running the same command continues where it stopped. At
     accelerate launch scripts/compare_objectives.py ...      # optional: same result, Accelerate's launcher
 
 Every flag of scripts/finetune_bico.py except --objective, --seed, --data_dir, --output_dir and
---resume_from_checkpoint is accepted and applies to every run (see bico.training.TrainConfig).
+--resume_from_checkpoint is accepted and applies to every run (see bico.config.TrainConfig).
 """
 
 import shlex

@@ -12,7 +12,7 @@ built from scratch, in under 10 minutes on 2 CPU cores, ending with the evaluati
     accelerate launch scripts/finetune_bico.py --config configs/train_llama2_lora.yaml   # flags from YAML
     accelerate launch scripts/finetune_bico.py --resume_from_checkpoint latest      # after a crash
 
-Every flag is a field of `bico.training.TrainConfig`; `--help` lists them with their defaults. The same
+Every flag is a field of `bico.config.TrainConfig`; `--help` lists them with their defaults. The same
 command is installed as `bico-train` (and `accelerate launch -m bico.train`), for installs without the checkout.
 """
 

@@ -152,7 +152,8 @@ def test_add_abi_tokens_reuses_native_glm_names(tiny_model_dir):
 
 
 def test_abi_objective_is_registered_for_training(tiny_model_dir):
-    from bico.training import OBJECTIVES, TrainConfig
+    from bico.config import TrainConfig
+    from bico.objectives import OBJECTIVES
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir)

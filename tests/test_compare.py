@@ -22,7 +22,7 @@ from bico.compare import (
     run_name,
     run_status,
 )
-from bico.training import DEFAULT_MAX_STEPS, TrainConfig
+from bico.config import DEFAULT_MAX_STEPS, TrainConfig
 
 
 TASK_ANSWERS = {"n2d": "description", "n2d-reverse": "name", "d2n": "name", "d2n-reverse": "description", "both": "either"}

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from bico.training import _accelerate_version, find_latest_checkpoint
+from bico.checkpoints import _accelerate_version, find_latest_checkpoint
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

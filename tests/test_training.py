@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bico.collators import choose_objective
-from bico.training import TRAINER_STATE, TrainConfig, find_latest_checkpoint, parse_config, save_checkpoint, train
+from bico.checkpoints import TRAINER_STATE, find_latest_checkpoint, save_checkpoint
+from bico.config import TrainConfig, parse_config
+from bico.training import train
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
