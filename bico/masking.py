@@ -28,14 +28,14 @@ IGNORE_INDEX = -100  # labels with this value carry no loss (the HF convention)
 DEFAULT_MASK_PROB = 0.15  # the public BICO code's rate
 SCHEDULES = ("fixed", "uniform", "span")
 # Span lengths in words: geometric with p = 0.2 truncated to 1..10, as in SpanBERT (Joshi et al. 2020);
-# mean 3.4 words, i.e. about a name plus a word, or a short clause.
+# mean 3.8 words: a two-word name with its neighbours, or a short clause.
 SPAN_GEOMETRIC_P = 0.2
 MAX_SPAN_WORDS = 10
 # A token that begins with one of these begins a word: byte-level BPE (GPT-2, Llama 3, SmolLM2)
-# writes a space as "Ġ", a newline as "Ċ" and a tab as "ĉ"; SentencePiece (Llama 2, Mistral) writes "▁".
-WORD_START_MARKERS = ("Ġ", "Ċ", "ĉ", "▁", " ", "\n", "\t")
-# SentencePiece byte-fallback tokens for whitespace: the token after one begins a word.
-BLANK_BYTE_TOKENS = ("<0x20>", "<0x0A>", "<0x09>", "<0x0D>")
+# writes a space as "Ġ", a newline as "Ċ" and a tab as "ĉ"; SentencePiece (Llama 2, Mistral) writes a
+# space as "▁" and, with byte fallback, whitespace as "<0x20>", "<0x0A>", ...
+LINE_BREAKS = ("Ċ", "ĉ", "č", "\n", "\t", "\r", "<0x0A>", "<0x09>", "<0x0D>")
+WORD_START_MARKERS = ("Ġ", "▁", " ", "<0x20>", *LINE_BREAKS)
 
 
 def check_schedule(schedule: str, mask_prob: float, mask_min: float = 0.0, mask_max: float = 1.0) -> None:
@@ -60,33 +60,30 @@ def span_length_weights() -> torch.Tensor:
 
 
 def word_start_table(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per vocabulary id: does the token begin a word, and is it whitespace only?
+    """Per vocabulary id: does the token begin a word, and does the token after it begin one?
 
     A token begins a word when its vocabulary string starts with a `WORD_START_MARKERS` marker
-    (the byte-level "Ġ", the SentencePiece "▁", ...). The vocabulary strings are read rather than
-    decoded one by one because SentencePiece tokenizers drop a lone token's leading space when
-    decoding it.
+    (the byte-level "Ġ", the SentencePiece "▁", a newline, ...); the token after one that ends with a
+    line break or tab begins a word too ("Ċ" + "two"). A lone space token ("Ġ" + "O" + "rr") begins
+    the word it is glued to. Vocabulary strings are read rather than decoded one by one because
+    SentencePiece tokenizers drop a lone token's leading space when decoding it.
 
     Returns:
-        `tuple[torch.BoolTensor, torch.BoolTensor]`: `starts` and `blank`, both of shape (V,) with
-        V = `len(tokenizer)`.
+        `tuple[torch.BoolTensor, torch.BoolTensor]`: `starts` and `breaks_after`, both of shape (V,)
+        with V = `len(tokenizer)`.
 
     Raises:
         `ValueError`: no token of the vocabulary carries a marker, so words cannot be found.
     """
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    tokens = ["" if token is None else str(token) for token in tokens]
+    tokens = ["" if token is None else str(token) for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
     starts = torch.tensor([token.startswith(WORD_START_MARKERS) for token in tokens], dtype=torch.bool)
     if not starts.any():
         raise ValueError(
             f"`tokenizer` ({type(tokenizer).__name__}) marks no word start: no token begins with "
-            f"{' or '.join(map(repr, WORD_START_MARKERS[:4]))}; the `span` schedule needs such a tokenizer."
+            f"{' or '.join(map(repr, WORD_START_MARKERS[:3]))}; the `span` schedule needs such a tokenizer."
         )
-    blank = torch.tensor(
-        [bool(token) and (token in BLANK_BYTE_TOKENS or not token.strip("".join(WORD_START_MARKERS))) for token in tokens],
-        dtype=torch.bool,
-    )
-    return starts, blank
+    breaks_after = torch.tensor([token.endswith(LINE_BREAKS) for token in tokens], dtype=torch.bool)
+    return starts, breaks_after
 
 
 def find_word_starts(
@@ -98,8 +95,8 @@ def find_word_starts(
     """Mark the first token of every word: a word is that token plus the continuation tokens after it.
 
     A token begins a word when its string starts with a space marker (`word_start_table`), when it
-    follows a special token (BOS, ...) or a whitespace-only token, or at position 0. Special tokens
-    begin words of their own. Punctuation glued to a word ("Orr," = "ĠOrr" + ",") belongs to it.
+    follows a special token (BOS, ...) or a line break, or at position 0. Special tokens and line
+    breaks are words of their own. Punctuation glued to a word ("Orr," = "ĠOrr" + ",") belongs to it.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(B, L)`): Token ids (any padding).
@@ -111,11 +108,11 @@ def find_word_starts(
     Returns:
         `torch.BoolTensor` of shape `(B, L)`, on the device of `input_ids`.
     """
-    starts_table, blank_table = word_start_table(tokenizer) if table is None else table
+    starts_table, breaks_table = word_start_table(tokenizer) if table is None else table
     special_ids = tokenizer.all_special_ids if special_ids is None else list(special_ids)
     ids = input_ids.cpu()
     special = torch.isin(ids, torch.tensor(sorted(special_ids), dtype=torch.long))
-    breaks = special | blank_table[ids]  # the token after one of these begins a word
+    breaks = special | breaks_table[ids]  # the token after one of these begins a word
     starts = starts_table[ids] | special
     starts[:, 1:] |= breaks[:, :-1]
     starts[:, 0] = True
@@ -167,23 +164,35 @@ def _draw_tokens(candidates: torch.Tensor, rate: float, generator: torch.Generat
     return hits
 
 
+def _span_lengths(budget: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Span lengths in words, drawn from `span_length_weights` until they sum to `budget`. Shape (spans,)."""
+    lengths = torch.multinomial(span_length_weights(), budget, replacement=True, generator=generator) + 1  # (budget,)
+    spans = int((lengths.cumsum(0) < budget).sum()) + 1  # each length is >= 1, so `budget` draws suffice
+    lengths = lengths[:spans]
+    lengths[-1] -= int(lengths.sum()) - budget  # the last span is cut to fit
+    return lengths[torch.randperm(spans, generator=generator)]  # so the cut one is not always last
+
+
 def _choose_span_words(count: int, mask_prob: float, generator: torch.Generator | None) -> torch.Tensor:
     """Indexes (sorted) of the words masked among `count` maskable words, in runs of consecutive words."""
     # Randomised rounding: E[masked words] = mask_prob * count exactly (at least one, see _force_one).
     exact = mask_prob * count
     budget = int(exact) + int(torch.rand(1, generator=generator).item() < exact - int(exact))
     budget = min(max(budget, 1), count)
-    lengths = torch.multinomial(span_length_weights(), budget, replacement=True, generator=generator) + 1  # (budget,)
-    spans = int((lengths.cumsum(0) < budget).sum()) + 1  # enough spans to cover the budget
-    lengths = lengths[:spans]
-    lengths[-1] -= int(lengths.sum()) - budget  # the last span is cut to fit
-    lengths = lengths[torch.randperm(spans, generator=generator)]  # so the cut one is not always last
+    lengths = _span_lengths(budget, generator)
+    spans = len(lengths)
     # Stars and bars: the spans and the `count - budget` unmasked words are shuffled as units; spans
     # may touch, which then reads as one longer span.
     slots = torch.randperm(spans + count - budget, generator=generator)[:spans].sort().values  # (spans,)
     # A span's first word: the unmasked words before it plus the lengths of the spans before it.
     starts = slots - torch.arange(spans) + torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])  # (spans,)
-    return torch.cat([torch.arange(start, start + length) for start, length in zip(starts.tolist(), lengths.tolist())])
+    words = torch.cat([torch.arange(start, start + length) for start, length in zip(starts.tolist(), lengths.tolist())])
+    # Spans placed on a line cover its ends less often than its middle. A uniform rotation of the
+    # words, as if on a circle, masks every word with probability budget / count exactly, so the
+    # expected masked tokens are mask_prob * maskable tokens however long the words are. A span
+    # that wraps around covers the row's last and first words.
+    offset = int(torch.randint(count, (1,), generator=generator))
+    return ((words + offset) % count).sort().values
 
 
 def _draw_words(
@@ -227,12 +236,15 @@ def mask_placeholders(
         * `"uniform"`: the row first draws r ~ U(`mask_min`, `mask_max`), then masks as `"fixed"`
           with rate r (MLM-U); `mask_prob` is not used;
         * `"span"`: the maskable words (words all of whose tokens are maskable; `word_starts` marks
-          the words) are counted, W of them; k = mask_prob * W words are masked, rounded down or up
+          the words; a word that cannot be masked is skipped, so a span may jump over it) are
+          counted, W of them; k = mask_prob * W words are masked, rounded down or up
           at random so that E[k] = mask_prob * W. Span lengths in words are drawn from a geometric
-          distribution (p = 0.2, truncated to 1..10, mean 3.4) until they cover k words, the last one
+          distribution (p = 0.2, truncated to 1..10, mean 3.8) until they cover k words, the last one
           cut to fit; the spans are placed uniformly at random among the maskable words, without
-          overlap (touching spans read as one). The expected fraction of masked words is mask_prob;
-          the fraction of tokens is close to it (long words are masked as often as short ones).
+          overlap (touching spans read as one), then rotated by a uniform offset as if the words
+          formed a circle (a span may wrap from the last word to the first). Every maskable word is
+          thus masked with probability mask_prob, so the expected fraction of masked words *and* of
+          masked tokens is mask_prob (before the at-least-one rule below).
 
     A row where nothing was drawn but which has maskable tokens gets one (a word for `"span"`), so
     every row carries some loss; this raises the rate slightly on short rows (for `"fixed"` by
