@@ -11,7 +11,8 @@ changes nothing at inference, so a model is evaluated as the ordinary causal LM:
 
 Models trained with the ABI baseline (`config.bico_objective == "abi"`) are evaluated in blank-infilling
 mode through `bico.abi.abi_generate` / `bico.abi.abi_score`; `_abi_module` is the one place that
-chooses.
+chooses. There too each prompt is run once (Part A + `[START]`, bidirectionally) and its KV cache
+serves the greedy tokens and all of its candidates; `score_continuations` scores in both modes.
 
 Under Accelerate, batches are formed once over all prompts, dealt round-robin to the processes and
 gathered, so every process returns the numbers a single process would.
@@ -111,12 +112,12 @@ def score_answers(
     abi = _abi_module(model)
     pairs = [(i, answer) for i, answers in enumerate(candidates) for answer in answers]
     if abi is not None:
-        flat = []
-        for start in range(0, len(pairs), max_pairs):
-            chunk = pairs[start : start + max_pairs]
-            scores = abi.abi_score(model, tokenizer, [prompts[i] for i, _ in chunk], [a for _, a in chunk])
-            flat.extend(scores.tolist())
-        return _unflatten(flat, candidates)
+        # One blank-infilling prefill per prompt, shared by all of its candidates (bico.abi_generation).
+        scores = abi.abi_score(
+            model, tokenizer, [prompts[i] for i, _ in pairs], [a for _, a in pairs],
+            batch_size=max(len(prompts), 1), max_pairs=max_pairs,
+        )
+        return _unflatten(scores.tolist(), candidates)
 
     device = _device(model)
     prompt_ids = _encode(tokenizer, prompts)
@@ -131,40 +132,79 @@ def score_answers(
         use_cache=True,
         logits_to_keep=1,
     )
-    # The last prompt position predicts every answer's first token.
-    first_logprobs = prompt_out.logits[:, -1].float().log_softmax(-1)  # (B, V)
-    cache = [(layer.keys, layer.values) for layer in output_cache(prompt_out).layers]
-    prompt_lengths = prompt_mask.sum(-1)  # (B,)
+    flat = score_continuations(
+        model, prompt_out.logits[:, -1], output_cache(prompt_out), prompt_mask, prompt_mask.sum(-1),
+        [i for i, _ in pairs], answer_ids, max_pairs,
+    )
+    return _unflatten(flat, candidates)
 
+
+@torch.inference_mode()
+def score_continuations(
+    model,
+    prefix_logits: torch.Tensor,
+    cache,
+    prefix_mask: torch.Tensor,
+    next_positions: torch.Tensor,
+    rows: list[int],
+    answers: list[list[int]],
+    max_pairs: int = MAX_PAIRS,
+) -> list[float]:
+    """Total log-probability of token continuations of B prefixes whose KV cache is already computed.
+
+    Each pair's answer is fed causally after its prefix's cached keys and values (copied per pair,
+    the prefix is not re-run), so P pairs cost one short forward each, `max_pairs` at a time.
+    Used by `score_answers` (prefix = the prompt) and by `bico.abi_generation.abi_score` (prefix =
+    blank-infilling Part A + `[START]`).
+
+    Args:
+        model (`PreTrainedModel`): The causal LM that filled `cache`, in eval mode.
+        prefix_logits (`torch.FloatTensor` of shape `(B, V)`): The logits at each prefix's last token,
+            which predict every answer's first token.
+        cache (`transformers.Cache`): The prefixes' KV cache, B rows of W columns; left untouched.
+        prefix_mask (`torch.LongTensor` of shape `(B, W)`): 1 on the prefixes' real columns, 0 on padding.
+        next_positions (`torch.LongTensor` of shape `(B,)`): The position id of each answer's first token.
+        rows (`list[int]`): P prefix indices in `range(B)`, one per pair.
+        answers (`list[list[int]]`): P answers as token ids (any length, 0 included).
+        max_pairs (`int`, *optional*, defaults to 256): Pairs per forward pass.
+
+    Returns:
+        `list[float]`: P log-probabilities in nats, summed in float32 (float64 for a float64 model); 0.0
+        for an empty answer.
+    """
+    device = prefix_logits.device
+    dtype = torch.promote_types(prefix_logits.dtype, torch.float32)  # float64 models keep float64
+    first_logprobs = prefix_logits.to(dtype).log_softmax(-1)  # (B, V)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]  # each (B, H_kv, W, D)
     # Pairs of similar answer length share a forward pass, so little of it is padding.
-    by_length = sorted(range(len(pairs)), key=lambda p: len(answer_ids[p]))
-    flat = [0.0] * len(pairs)
-    for start in range(0, len(pairs), max_pairs):
+    by_length = sorted(range(len(rows)), key=lambda p: len(answers[p]))
+    flat = [0.0] * len(rows)
+    for start in range(0, len(rows), max_pairs):
         chunk = by_length[start : start + max_pairs]
-        rows = torch.tensor([pairs[p][0] for p in chunk], device=device)  # (P,)
-        answers = [answer_ids[p] for p in chunk]
-        scores = torch.zeros(len(chunk), device=device, dtype=torch.float32)
-        nonempty = torch.tensor([len(a) > 0 for a in answers], device=device)
-        first = torch.tensor([a[0] if a else 0 for a in answers], device=device)
-        scores += torch.where(nonempty, first_logprobs[rows, first], 0.0)
-        if max(len(a) for a in answers) > 1:
-            # Feed answer tokens 0..n-2 after the prompt's cache; their logits predict tokens 1..n-1.
-            inputs, inputs_mask = _pad([a[:-1] for a in answers], 0, side="right", device=device)  # (P, La - 1)
-            targets, _ = _pad([a[1:] for a in answers], 0, side="right", device=device)  # (P, La - 1)
-            past = DynamicCache(ddp_cache_data=[(keys[rows], values[rows]) for keys, values in cache])
+        pair_rows = torch.tensor([rows[p] for p in chunk], device=device)  # (P,)
+        chunk_answers = [answers[p] for p in chunk]
+        scores = torch.zeros(len(chunk), device=device, dtype=dtype)
+        nonempty = torch.tensor([len(a) > 0 for a in chunk_answers], device=device)
+        first = torch.tensor([a[0] if a else 0 for a in chunk_answers], device=device)
+        scores += torch.where(nonempty, first_logprobs[pair_rows, first], 0.0)
+        if max(len(a) for a in chunk_answers) > 1:
+            # Feed answer tokens 0..n-2 after the prefix's cache; their logits predict tokens 1..n-1.
+            inputs, inputs_mask = _pad([a[:-1] for a in chunk_answers], 0, side="right", device=device)  # (P, La - 1)
+            targets, _ = _pad([a[1:] for a in chunk_answers], 0, side="right", device=device)  # (P, La - 1)
+            past = DynamicCache(ddp_cache_data=[(keys[pair_rows], values[pair_rows]) for keys, values in layers])
             offsets = torch.arange(inputs.shape[1], device=device)
             logits = model(
                 input_ids=inputs,
-                attention_mask=torch.cat([prompt_mask[rows], inputs_mask], dim=1),
-                position_ids=prompt_lengths[rows, None] + offsets,
+                attention_mask=torch.cat([prefix_mask[pair_rows], inputs_mask], dim=1),
+                position_ids=next_positions[pair_rows, None] + offsets,
                 **{CACHE_KWARG: past},
                 use_cache=True,
             ).logits  # (P, La - 1, V)
-            token_logprobs = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+            token_logprobs = logits.to(dtype).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
             scores += (token_logprobs * inputs_mask).sum(-1)
         for p, score in zip(chunk, scores.tolist()):
             flat[p] = score
-    return _unflatten(flat, candidates)
+    return flat
 
 
 @torch.inference_mode()

@@ -235,7 +235,7 @@ def test_abi_models_use_the_abi_seam(tiny, subset_dir, monkeypatch):
         calls["generate"] += 1
         return [target_of[p] for p in prompts]
 
-    def abi_score(model, tokenizer, prompts, completions):
+    def abi_score(model, tokenizer, prompts, completions, **kwargs):
         calls["score"] += 1
         return torch.tensor([0.0 if target_of[p] == c else -3.0 for p, c in zip(prompts, completions)])
 
@@ -248,6 +248,28 @@ def test_abi_models_use_the_abi_seam(tiny, subset_dir, monkeypatch):
     assert results["settings"]["mode"] == "abi"
     metrics = results["tasks"]["d2n"]
     assert metrics["exact_match"] == 1.0 and metrics["rank_accuracy"] == 1.0 and metrics["target_logprob"] == 0.0
+
+
+def test_abi_evaluation_matches_the_reference_path(tiny_model_dir, subset_dir):
+    # The real seam: bico.abi_generation's KV-cache path against its full-sequence reference, selected
+    # as `model.generate` selects it, through `generation_config.use_cache`.
+    from bico.abi import prepare_abi_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prepare_abi_model(model, tokenizer)
+    kwargs = dict(tasks=["n2d", "d2n-reverse"], data_dir=subset_dir, batch_size=16, max_new_tokens=5, show_progress=False)
+    fast, fast_predictions = evaluate(model, tokenizer, **kwargs)
+    model.generation_config.use_cache = False
+    reference, reference_predictions = evaluate(model, tokenizer, **kwargs)
+    assert fast["settings"]["mode"] == "abi"
+    assert [p["generation"] for p in fast_predictions] == [p["generation"] for p in reference_predictions]
+    assert [p["top_candidate"] for p in fast_predictions] == [p["top_candidate"] for p in reference_predictions]
+    for key in ("target_logprob", "random_logprob"):
+        got = torch.tensor([p.get(key, 0.0) for p in fast_predictions])
+        expected = torch.tensor([p.get(key, 0.0) for p in reference_predictions])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=5e-7)
 
 
 def test_patched_model_evaluates_as_the_causal_model(tiny_model_dir, subset_dir):
