@@ -12,6 +12,9 @@ What differs from a masked-LM collator (e.g. `transformers.DataCollatorForLangua
     * labels sit at the masked positions themselves; the model's shift turns them into
       "output i predicts masked token i + 1", so position 0 is never masked (nothing predicts it).
 
+Which tokens are masked is the schedule's choice (`bico.masking`: the paper's fixed rate, a uniform
+rate per row as in MLM-U, or whole-word spans); its names are importable from here too.
+
 Collators take a list of examples `{"input_ids": list[int], ...}` (see `encode_rows`) and return
 padded tensors. They use no Accelerate and no model, so they fit any training loop.
 """

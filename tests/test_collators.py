@@ -337,11 +337,14 @@ def test_word_starts_for_byte_level_and_sentencepiece_tokenizers(tiny_tokenizer)
 
 
 def test_word_starts_for_the_smollm2_tokenizer_if_cached():
+    import transformers
     from transformers import AutoTokenizer
 
     from bico.pretrained import cache_dir
 
-    found = sorted(cache_dir().glob("transformers-*/SmolLM2-135M-Instruct/tokenizer.json"))
+    # Any release's conversion has the same vocabulary; this release's own is preferred.
+    found = sorted(cache_dir().glob("transformers-*/SmolLM2-135M-Instruct/tokenizer.json"),
+                   key=lambda path: transformers.__version__ in str(path))
     if not found:
         pytest.skip(f"no converted SmolLM2 tokenizer in {cache_dir()}")
     tokenizer = AutoTokenizer.from_pretrained(found[-1].parent)
