@@ -57,8 +57,9 @@ def encode_rows(
             end without EOS.
 
     Returns:
-        `tuple[list[dict], int]`: the examples `{"input_ids": list[int], "index": int}` (`index` =
-        row number, used to seed the row's masking) and how many rows were truncated.
+        `tuple[list[dict], int]`: the examples `{"input_ids": list[int], "index": int, "prompt": str,
+        "completion": str}` (`index` = row number, used to seed the row's masking; the texts serve
+        collators that rewrite the row, e.g. `bico.reverse.ReverseCollator`) and how many rows were truncated.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("`tokenizer` has no `eos_token_id`; training sequences must end with EOS.")
@@ -71,7 +72,7 @@ def encode_rows(
         if len(ids) > max_length:
             truncated += 1
             ids = ids[:max_length]
-        examples.append({"input_ids": ids, "index": index})
+        examples.append({"input_ids": ids, "index": index, "prompt": prompts[index], "completion": completions[index]})
     return examples, truncated
 
 
@@ -253,15 +254,36 @@ class BicoCollator:
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = pad_examples(examples, self.pad_token_id)
-        labels = _example_labels(examples, input_ids.shape[1])
-        maskable = maskable_positions(input_ids, attention_mask, self.special_ids, labels)
         generators = [
             torch.Generator().manual_seed(example["seed"]) if "seed" in example else self.generator
             for example in examples
         ]
+        return self.mask_batch(input_ids, attention_mask, _example_labels(examples, input_ids.shape[1]), generators)
+
+    def mask_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Mask an already padded batch (either padding side), e.g. one a `transformers` collator made.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`), attention_mask (`torch.LongTensor` of shape `(B, L)`):
+                The batch.
+            labels (`torch.LongTensor` of shape `(B, L)`, *optional*): Its labels; a token labelled -100 is
+                never masked.
+            generators (`Sequence[torch.Generator]`, *optional*): One per row; the collator's own by default.
+
+        Returns:
+            `dict[str, torch.Tensor]`: `input_ids`, `attention_mask`, `labels`, each (B, L) (see `mask_placeholders`).
+        """
+        maskable = maskable_positions(input_ids, attention_mask, self.special_ids, labels)
         word_starts = None
         if self.schedule == "span":
             word_starts = find_word_starts(input_ids, self.tokenizer, self.word_table, self.special_ids)
+        generators = [self.generator] * len(input_ids) if generators is None else generators
         return mask_placeholders(
             input_ids, attention_mask, maskable, self.placeholder_id, self.mask_prob, generators,
             schedule=self.schedule, mask_min=self.mask_min, mask_max=self.mask_max, word_starts=word_starts,

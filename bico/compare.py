@@ -53,8 +53,16 @@ SUMMARY_METRICS = ("exact_match", "contains", "bleu_word", "bleu_char", "target_
 PLOT_TASKS = ("n2d-reverse", "d2n-reverse")
 PLOT_METRICS = {"exact_match": "exact match", "rank_accuracy": "candidate-ranking accuracy"}
 # Fixed colours, so an objective looks the same in every panel and every plot.
-OBJECTIVE_COLORS = {"ntp": "tab:blue", "bico": "tab:orange", "abi": "tab:green"}
+OBJECTIVE_COLORS = {"ntp": "tab:blue", "bico": "tab:orange", "abi": "tab:green", "reverse": "tab:red"}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 EVALS_PER_RUN = 10  # default `eval_every` = max_steps / EVALS_PER_RUN
+# The options that make a variant of an objective ("bico:mask_prob=0.3"), per objective, in label order.
+VARIANT_FIELDS = {
+    "ntp": (),
+    "bico": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max"),
+    "abi": ("p_bico",),
+    "reverse": ("p_bico",),
+}
 
 
 @dataclass
@@ -86,9 +94,8 @@ class CompareConfig:
                 raise ValueError(f"`{name}` is empty; give at least one.")
             if len(set(values)) != len(values):
                 raise ValueError(f"`{name}` has repeats: {values}.")
-        for objective in self.objectives:
-            if objective not in OBJECTIVES:
-                raise ValueError(f"`objectives` must be among {', '.join(OBJECTIVES)}; got {objective!r}.")
+        for spec in self.objectives:
+            parse_variant(spec)
         labels = [dataset_label(d) for d in self.data_dirs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"`data_dirs` {self.data_dirs} have the same directory names {labels}; the names label the data sets.")
@@ -111,15 +118,47 @@ class CompareConfig:
         if "eval_every" not in options:
             steps = options.get("max_steps") or (DEFAULT_MAX_STEPS if options.get("num_train_epochs") is None else None)
             options["eval_every"] = max(1, steps // EVALS_PER_RUN) if steps else 0
-        return [
-            TrainConfig(
-                **options, objective=objective, seed=seed, data_dir=data_dir, resume_from_checkpoint="latest",
-                output_dir=str(Path(self.output_dir) / run_name(data_dir, objective, seed)),
-            )
-            for data_dir in self.data_dirs
-            for seed in self.seeds
-            for objective in self.objectives
-        ]
+        configs = []
+        for data_dir in self.data_dirs:
+            for seed in self.seeds:
+                for spec in self.objectives:
+                    objective, variant = parse_variant(spec)
+                    config = TrainConfig(**{**options, **variant}, objective=objective, seed=seed, data_dir=data_dir,
+                                         resume_from_checkpoint="latest")
+                    config.output_dir = str(Path(self.output_dir) / run_name(data_dir, variant_label(config), seed))
+                    configs.append(config)
+        names = [Path(config.output_dir).name for config in configs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"`objectives` {self.objectives} name the same run twice (e.g. `bico` and `bico:mask_prob=0.15`).")
+        return configs
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """Read an objective, or a variant of one: `"bico"`, `"bico:mask_prob=0.3"`, `"bico:mask_schedule=span,mask_prob=0.3"`.
+
+    Returns:
+        `tuple[str, dict]`: the objective name and the `TrainConfig` fields the variant sets.
+    """
+    objective, _, options = spec.partition(":")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objectives` must be among {', '.join(OBJECTIVES)} (with optional :field=value,...); got {spec!r}.")
+    allowed = VARIANT_FIELDS.get(objective, ())
+    variant = {}
+    for item in filter(None, options.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or key not in allowed:
+            raise ValueError(f"`objectives` entry {spec!r}: {item!r} is not field=value with a field of "
+                             f"{objective!r} among {', '.join(allowed) or 'none'}.")
+        variant[key] = getattr(build_train_parser().parse_args([f"--{key}", value]), key)
+    return objective, variant
+
+
+def variant_label(config: TrainConfig) -> str:
+    """The run's objective as the tables name it: the objective plus its variant fields that differ from the defaults."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = [f"{key}={getattr(config, key)}" for key in VARIANT_FIELDS.get(config.objective, ())
+               if getattr(config, key) != defaults[key]]
+    return config.objective + (":" + ",".join(changed) if changed else "")
 
 
 def dataset_label(data_dir: str | os.PathLike | None) -> str:
@@ -132,8 +171,8 @@ def dataset_label(data_dir: str | os.PathLike | None) -> str:
 
 
 def run_name(data_dir: str | os.PathLike | None, objective: str, seed: int) -> str:
-    """The run directory's name, e.g. `reversal_curse-bico-seed0`."""
-    return f"{dataset_label(data_dir)}-{objective}-seed{seed}"
+    """The run directory's name, e.g. `reversal_curse-bico-seed0`, `data-bico_mask_prob_0.3-seed1` for a variant."""
+    return f"{dataset_label(data_dir)}-{re.sub(r'[^A-Za-z0-9_.+-]', '_', objective)}-seed{seed}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +248,7 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     return {
         "name": run_dir.name,
         "dataset": dataset_label(config.get("data_dir")),
-        "objective": config["objective"],
+        "objective": variant_label(TrainConfig(**{key: value for key, value in config.items() if key in TRAIN_FIELDS})),
         "seed": config["seed"],
         "steps": results.get("training", {}).get("steps"),
         "results": results["tasks"],
@@ -434,7 +473,7 @@ def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
             "spread": "sample standard deviation over seeds (n - 1)",
         },
         "runs": [
-            {"name": Path(c.output_dir).name, "dataset": dataset_label(c.data_dir), "objective": c.objective,
+            {"name": Path(c.output_dir).name, "dataset": dataset_label(c.data_dir), "objective": variant_label(c),
              "seed": c.seed, "status": statuses[Path(c.output_dir).name]}
             for c in run_configs
         ],
@@ -486,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config FILE.yaml reads them from YAML. Default eval_every: max_steps // 10.",
         allow_abbrev=False,  # `--seed 1` must not silently mean `--seeds 1`
     )
-    parser.add_argument("--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES), help=f"any of {', '.join(OBJECTIVES)} (default: %(default)s)")
+    parser.add_argument("--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES),
+                        help=f"any of {', '.join(OBJECTIVES)}, or a variant such as bico:mask_prob=0.3 or "
+                        "bico:mask_schedule=uniform (default: %(default)s)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per objective and seed (default: 0)")
     parser.add_argument("--data_dir", nargs="+", default=[None], help="one or more name-description directories (default: data/)")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="runs and comparison files (default: %(default)s)")

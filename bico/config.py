@@ -17,6 +17,7 @@ import yaml
 from transformers import SchedulerType
 
 from .data import TRAIN_FILE, resolve_tasks
+from .masking import SCHEDULES, check_schedule
 from .objectives import OBJECTIVES
 
 
@@ -48,9 +49,12 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seeds the model init, data order, objective choice and masks"})
 
     # Objective
-    objective: str = field(default="bico", metadata={"help": "bico (mixed with NTP by p_bico) or ntp"})
+    objective: str = field(default="bico", metadata={"help": f"{', '.join(OBJECTIVES)}; any but ntp is mixed with NTP by p_bico"})
     p_bico: float = field(default=0.5, metadata={"help": "probability that a step uses `objective` rather than NTP"})
-    mask_prob: float = field(default=0.15, metadata={"help": "BICO: per-token masking probability"})
+    mask_prob: float = field(default=0.15, metadata={"help": "BICO: masking rate of the fixed and span schedules"})
+    mask_schedule: str = field(default="fixed", metadata={"help": f"BICO: {', '.join(SCHEDULES)} (bico.masking)"})
+    mask_min: float = field(default=0.0, metadata={"help": "BICO uniform schedule: lowest per-row rate"})
+    mask_max: float = field(default=1.0, metadata={"help": "BICO uniform schedule: highest per-row rate"})
     placeholder_id: int | None = field(default=None, metadata={"help": "BICO: id written over masked tokens; None = pad, else unk, else eos"})
 
     # Optimisation
@@ -95,8 +99,7 @@ class TrainConfig:
             _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
         if not 0.0 <= self.p_bico <= 1.0:
             raise ValueError(f"`p_bico` must be in [0, 1], got {self.p_bico}.")
-        if not 0.0 < self.mask_prob <= 1.0:
-            raise ValueError(f"`mask_prob` must be in (0, 1], got {self.mask_prob}.")
+        check_schedule(self.mask_schedule, self.mask_prob, self.mask_min, self.mask_max)
         positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"]
         positive += [name for name in ("max_steps", "num_train_epochs", "max_train_samples", "checkpoints_total_limit", "cpu_threads")
                      if getattr(self, name) is not None]

@@ -2,8 +2,9 @@
 
 BICO (Lv et al., arXiv 2311.07468, section 4.3) mixes two objectives: each optimizer step is, with
 probability `p_bico`, a placeholder-mask denoising step run with bidirectional-RoPE attention, and
-otherwise an ordinary next-token-prediction (NTP) step. The GLM blank-infilling baseline (`abi`) is
-mixed with NTP the same way.
+otherwise an ordinary next-token-prediction (NTP) step. The baselines are mixed with NTP the same
+way: GLM blank infilling (`abi`) and reverse training (`reverse`, Golovneva et al. 2024: NTP on the
+row reversed word by word, with names and completions kept in their own order).
 
 Both training front ends use this module: the Accelerate loop (`bico.training`) and the
 `transformers.Trainer` adapter (`bico.trainer`).
@@ -20,7 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from .abi import AbiCollator, prepare_abi_model
 from .collators import BicoCollator, NtpCollator, choose_objective
+from .data import load_train
 from .patch import bidirectional
+from .reverse import ReverseCollator, collect_names
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,18 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "ntp": Objective(lambda tokenizer, config: NtpCollator(tokenizer), bidirectional=False),
     "bico": Objective(
-        lambda tokenizer, config: BicoCollator(tokenizer, config.mask_prob, config.placeholder_id, config.seed),
+        lambda tokenizer, config: BicoCollator(
+            tokenizer, config.mask_prob, config.placeholder_id, config.seed,
+            schedule=config.mask_schedule, mask_min=config.mask_min, mask_max=config.mask_max,
+        ),
         bidirectional=True,
+    ),
+    # Reverse training (bico.reverse): NTP on each row reversed word by word, names and completions kept whole.
+    "reverse": Objective(
+        lambda tokenizer, config: ReverseCollator(
+            tokenizer, config.max_length, names=collect_names(load_train(config.data_dir, config.train_file)["completion"]),
+        ),
+        bidirectional=False,
     ),
     # GLM blank infilling (bico.abi): adds [MASK]/[START]/[END] and records bico_objective="abi".
     "abi": Objective(

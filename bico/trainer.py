@@ -33,7 +33,8 @@ from collections.abc import Iterator
 import torch
 from transformers import Trainer
 
-from .collators import DEFAULT_MASK_PROB, IGNORE_INDEX, default_placeholder_id, mask_placeholders, row_seed
+from .collators import DEFAULT_MASK_PROB, BicoCollator, row_seed
+from .masking import check_schedule
 from .objectives import objective_mode, step_objective
 from .patch import is_patched, patch_llama, unpatch_llama
 
@@ -49,16 +50,21 @@ class BicoTrainerMixin:
 
     Args (keyword-only, besides the Trainer's own):
         p_bico (`float`, *optional*, defaults to 0.5): Probability that an optimizer step is BICO.
-        mask_prob (`float`, *optional*, defaults to 0.15): Per-token masking probability of a BICO step.
+        mask_prob (`float`, *optional*, defaults to 0.15): Masking rate of a BICO step (`fixed` and `span`).
+        mask_schedule (`str`, *optional*, defaults to `"fixed"`): `"fixed"`, `"uniform"` (a rate per row
+            from U(`mask_min`, `mask_max`)) or `"span"` (whole words); see `bico.masking`.
+        mask_min (`float`, *optional*, defaults to 0.0), mask_max (`float`, *optional*, defaults to 1.0):
+            The range of the `uniform` rate.
         placeholder_id (`int`, *optional*): Written over masked tokens; defaults to the tokenizer's
-            (`processing_class`) pad, else unk, else eos id, else the model config's.
+            (`processing_class`, required) pad, else unk, else eos id.
         bico_seed (`int`, *optional*): Seeds the objective of each step and the masks; defaults to `args.seed`.
         merge_adapters (`bool`, *optional*, defaults to `False`): `save_model()` of a peft model writes the
             merged plain model instead of the adapter (checkpoints keep the adapter, to resume from).
 
     Raises:
-        ValueError: `p_bico` or `mask_prob` out of range, or a model that `bico.patch_llama` cannot
-            patch (no rotary embeddings, or a rope type that cannot be conjugated).
+        ValueError: `p_bico` or a masking argument out of range, no tokenizer (`processing_class`), or a
+            model that `bico.patch_llama` cannot patch (no rotary embeddings, or a rope type that cannot
+            be conjugated).
     """
 
     def __init__(
@@ -66,6 +72,9 @@ class BicoTrainerMixin:
         *args,
         p_bico: float = 0.5,
         mask_prob: float = DEFAULT_MASK_PROB,
+        mask_schedule: str = "fixed",
+        mask_min: float = 0.0,
+        mask_max: float = 1.0,
         placeholder_id: int | None = None,
         bico_seed: int | None = None,
         merge_adapters: bool = False,
@@ -73,25 +82,18 @@ class BicoTrainerMixin:
     ):
         if not 0.0 <= p_bico <= 1.0:
             raise ValueError(f"`p_bico` must be in [0, 1], got {p_bico}.")
-        if not 0.0 < mask_prob <= 1.0:
-            raise ValueError(f"`mask_prob` must be in (0, 1], got {mask_prob}.")
+        check_schedule(mask_schedule, mask_prob, mask_min, mask_max)
         super().__init__(*args, **kwargs)
         _check_patchable(self.model)
         self.p_bico = p_bico
-        self.mask_prob = mask_prob
         self.bico_seed = self.args.seed if bico_seed is None else bico_seed
         self.merge_adapters = merge_adapters
-        config = self.accelerator.unwrap_model(self.model).config
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor wraps one
-        if tokenizer is not None and hasattr(tokenizer, "all_special_ids"):
-            self.placeholder_id = default_placeholder_id(tokenizer) if placeholder_id is None else placeholder_id
-            special = set(tokenizer.all_special_ids)
-        else:
-            special = {getattr(config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")} - {None}
-            self.placeholder_id = placeholder_id if placeholder_id is not None else min(special, default=None)
-            if self.placeholder_id is None:
-                raise ValueError("no tokenizer and no special ids in the model config; pass `placeholder_id`.")
-        self.never_mask = torch.tensor(sorted(special), dtype=torch.long)
+        if not hasattr(tokenizer, "all_special_ids"):
+            raise ValueError("BicoTrainer needs the tokenizer (its special ids are never masked): pass `processing_class=tokenizer`.")
+        self.masker = BicoCollator(
+            tokenizer, mask_prob, placeholder_id, self.bico_seed, schedule=mask_schedule, mask_min=mask_min, mask_max=mask_max,
+        )
         self._objective_losses = {name: [0.0, set()] for name in LOGGED}  # loss sum, steps
 
     # -- the objective of a step ------------------------------------------------------------------
@@ -127,12 +129,9 @@ class BicoTrainerMixin:
         """
         _check_batch(inputs)
         step = self.state.global_step if step is None else step
-        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        real = attention_mask.bool()
-        first = real & (real.cumsum(dim=1) == 1)  # nothing predicts a row's first token
-        maskable = real & ~first & (labels != IGNORE_INDEX) & ~torch.isin(input_ids, self.never_mask.to(input_ids.device))
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         generators = [torch.Generator().manual_seed(seed) for seed in self.row_seeds(input_ids, attention_mask, step)]
-        masked = mask_placeholders(input_ids, attention_mask, maskable, self.placeholder_id, self.mask_prob, generators)
+        masked = self.masker.mask_batch(input_ids, attention_mask, inputs["labels"], generators)
         return {**inputs, **masked}
 
     # -- Trainer hooks ----------------------------------------------------------------------------

@@ -399,7 +399,8 @@ def _final_evaluation(model, tokenizer, config: TrainConfig, accelerator: Accele
 
     results, predictions = _evaluate(model, tokenizer, config.eval_task_list(), config, accelerator, True)
     results["model"] = str(final_dir)
-    results["training"] = {"objective": config.objective, "p_bico": config.p_bico, "steps": steps, "seed": config.seed}
+    results["training"] = {"objective": config.objective, "p_bico": config.p_bico, "mask_schedule": config.mask_schedule,
+                           "mask_prob": config.mask_prob, "steps": steps, "seed": config.seed}
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         write_results(results, output_dir / "results.json")

@@ -17,10 +17,12 @@ from bico.compare import (
     format_comparison,
     load_run,
     parse_args,
+    parse_variant,
     plot_comparison,
     run_comparison,
     run_name,
     run_status,
+    variant_label,
 )
 from bico.config import DEFAULT_MAX_STEPS, TrainConfig
 
@@ -93,6 +95,30 @@ def test_run_name_encodes_data_set_objective_and_seed(tmp_path):
     names = [Path(c.output_dir).name for c in config.run_configs()]
     assert names == ["data-ntp-seed3", "data-abi-seed3", "b-ntp-seed3", "b-abi-seed3"]
     assert all(c.eval_every == 4 and c.max_steps == 40 and c.resume_from_checkpoint == "latest" for c in config.run_configs())
+
+
+def test_variants_of_an_objective_are_runs_of_their_own(tmp_path):
+    assert parse_variant("bico") == ("bico", {})
+    assert parse_variant("bico:mask_schedule=span,mask_prob=0.3") == ("bico", {"mask_schedule": "span", "mask_prob": 0.3})
+    config = CompareConfig(objectives=["bico", "bico:mask_prob=0.3", "bico:mask_schedule=uniform", "abi:p_bico=1"],
+                           seeds=[0], output_dir=str(tmp_path), train_overrides={"max_steps": 40})
+    runs = config.run_configs()
+    assert [Path(c.output_dir).name for c in runs] == [
+        "data-bico-seed0", "data-bico_mask_prob_0.3-seed0", "data-bico_mask_schedule_uniform-seed0", "data-abi_p_bico_1.0-seed0",
+    ]
+    assert (runs[1].mask_prob, runs[2].mask_schedule, runs[3].p_bico) == (0.3, "uniform", 1.0)
+    assert [variant_label(c) for c in runs] == ["bico", "bico:mask_prob=0.3", "bico:mask_schedule=uniform", "abi:p_bico=1.0"]
+    # A finished variant run is read back under its label, which the tables show.
+    run_dir = _fake_run(tmp_path / "out", str(tmp_path / "small"), "bico", 0, 0.1, 0.5)
+    stored = yaml.safe_load((run_dir / "train_config.yaml").read_text())
+    (run_dir / "train_config.yaml").write_text(yaml.safe_dump({**stored, "mask_schedule": "span"}))
+    assert load_run(run_dir)["objective"] == "bico:mask_schedule=span"
+    with pytest.raises(ValueError, match="name the same run twice"):
+        CompareConfig(objectives=["bico", "bico:mask_prob=0.15"])
+    with pytest.raises(ValueError, match="'learning_rate=1' is not field=value with a field of 'bico'"):
+        CompareConfig(objectives=["bico:learning_rate=1"])
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        CompareConfig(objectives=["bico:mask_schedule=zigzag"])
 
 
 def test_bad_options_name_the_argument(tmp_path):

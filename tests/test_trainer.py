@@ -74,14 +74,16 @@ def _step_of(trainer, objective: str) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_bico_step_equals_the_training_loop_on_one_batch(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+@pytest.mark.parametrize("schedule", ["fixed", "uniform", "span"])
+def test_bico_step_equals_the_training_loop_on_one_batch(tmp_path, tiny_model_dir, data_dir, monkeypatch, schedule):
     model, tokenizer = _load(tiny_model_dir)
     train = load_train(data_dir).select(range(6))
     examples, _ = encode_rows(train["prompt"], train["completion"], tokenizer, max_length=256)
     rows = [{**example, "seed": row_seed(0, 0, example["index"])} for example in examples]
-    expected = BicoCollator(tokenizer, mask_prob=0.15)(rows)  # what bico.training feeds a BICO step
+    expected = BicoCollator(tokenizer, mask_prob=0.3, schedule=schedule)(rows)  # what bico.training feeds a BICO step
 
-    trainer = _trainer(model, tokenizer, _dataset(tokenizer, data_dir), tmp_path)
+    trainer = _trainer(model, tokenizer, _dataset(tokenizer, data_dir), tmp_path,
+                       bico_options={"mask_prob": 0.3, "mask_schedule": schedule})
     monkeypatch.setattr(trainer, "row_seeds", lambda input_ids, attention_mask, step: [row["seed"] for row in rows])
     step = _step_of(trainer, "bico")
     batch = trainer.bico_batch(NtpCollator(tokenizer)(examples), step)
@@ -269,6 +271,11 @@ def test_bad_input_is_a_value_error_before_training(tmp_path, tiny_model_dir, da
         _trainer(model, tokenizer, dataset, tmp_path, bico_options={"p_bico": 1.5})
     with pytest.raises(ValueError, match="`mask_prob` must be in"):
         _trainer(model, tokenizer, dataset, tmp_path, bico_options={"mask_prob": 0.0})
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        _trainer(model, tokenizer, dataset, tmp_path, bico_options={"mask_schedule": "zigzag"})
+    with pytest.raises(ValueError, match="pass `processing_class=tokenizer`"):
+        BicoTrainer(model=model, args=_args(tmp_path), train_dataset=dataset,
+                    data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="no decoder with rotary embeddings"):
         _trainer(gpt2, tokenizer, dataset, tmp_path)

@@ -112,6 +112,32 @@ def test_train_mixes_objectives_learns_and_saves(tmp_path, tiny_model_dir, small
     assert list((run / "logs").rglob("events.out.tfevents*"))
 
 
+@pytest.mark.parametrize("objective, options", [
+    ("reverse", {}),
+    ("bico", {"mask_schedule": "span", "mask_prob": 0.3}),
+    ("bico", {"mask_schedule": "uniform", "mask_min": 0.2, "mask_max": 0.8}),
+])
+def test_every_objective_and_schedule_trains_through_the_loop(tmp_path, tiny_model_dir, small_data_dir, objective, options, monkeypatch):
+    import bico.objectives
+
+    seen = []
+    make = bico.objectives.OBJECTIVES[objective].make_collator
+
+    def spying(tokenizer, config):
+        collator = make(tokenizer, config)
+        return lambda rows: seen.append(rows) or collator(rows)
+
+    monkeypatch.setitem(bico.objectives.OBJECTIVES, objective, bico.objectives.Objective(
+        spying, bico.objectives.OBJECTIVES[objective].bidirectional, bico.objectives.OBJECTIVES[objective].setup))
+    config = _config(tmp_path, tiny_model_dir, small_data_dir, max_steps=4, p_bico=1.0, objective=objective, **options)
+    result = train(config)
+    assert [name for _, name in result["objectives"]] == [objective] * 4
+    assert len(seen) == 4 and all({"prompt", "completion", "seed", "input_ids"} <= set(row) for row in seen[0])
+    assert all(loss == loss and loss > 0 for loss in result["losses"])  # finite, positive
+    final = AutoModelForCausalLM.from_pretrained(Path(config.output_dir) / "final")
+    assert final.config.bico_objective == objective
+
+
 def test_lora_adapters_are_merged(tmp_path, tiny_model_dir, small_data_dir):
     config = _config(tmp_path, tiny_model_dir, small_data_dir, lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj",
                      gradient_checkpointing=True, max_steps=6)
