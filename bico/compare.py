@@ -8,9 +8,12 @@ process, then one table (Markdown and JSON) and one plot of the reverse tasks ag
 - Every run of a (data set, seed) starts from the same model (the scratch model is rebuilt from the
   seed, or `model_name_or_path` is shared) and sees the same batches in the same order (the data
   order is keyed on the seed only); only the objective differs.
-- A run lives in `output_dir/<data set>-<objective>-seed<seed>/`. A run whose `results.json` and
-  `final/` exist is finished and skipped; any other run is started with `resume_from_checkpoint=latest`,
+- A run lives in `output_dir/<data set>-<objective>-seed<seed>/`. A run whose `results.json`
+  exists is finished and skipped; any other run is started with `resume_from_checkpoint=latest`,
   so a half-finished one continues from its newest checkpoint.
+- With `archive_dir`, each finished run's small files (options, results, history; no model) are
+  copied there as soon as it ends (`archive_run`), and a run finished in the archive is not trained
+  again: results can be committed run by run and a comparison continued on a fresh machine.
 - The numbers are read back from the run directories (`results.json`, `eval_history.jsonl`), so a
   skipped run counts exactly like one trained now.
 - Spread over seeds is the sample standard deviation (n - 1); with one seed there is none.
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -78,6 +82,7 @@ class CompareConfig:
         train_overrides (`dict`, defaults to `{}`): `TrainConfig` fields for every run, e.g. `{"max_steps": 1000}`;
             without `eval_every`, a run is evaluated 10 times during training (`max_steps // 10`).
         collect_only (`bool`, defaults to `False`): Train nothing; tabulate the finished runs found.
+        archive_dir (`str`, *optional*): Copy each finished run's small files here; runs finished here count as done.
     """
 
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
@@ -86,6 +91,7 @@ class CompareConfig:
     output_dir: str = DEFAULT_OUTPUT_DIR
     train_overrides: dict = field(default_factory=dict)
     collect_only: bool = False
+    archive_dir: str | None = None
 
     def __post_init__(self):
         for name in ("objectives", "seeds", "data_dirs"):
@@ -181,9 +187,13 @@ def run_name(data_dir: str | os.PathLike | None, objective: str, seed: int) -> s
 
 
 def run_status(run_dir: str | os.PathLike) -> str:
-    """`"finished"` (final evaluation written), `"partial"` (started; may have checkpoints) or `"new"`."""
+    """`"finished"` (final evaluation written), `"partial"` (started; may have checkpoints) or `"new"`.
+
+    `results.json` is written after `final/`, so it alone marks a finished run; an archived run
+    (`train_config.yaml`, `results.json`, `eval_history.jsonl`, without the model) counts as one.
+    """
     run_dir = Path(run_dir)
-    if (run_dir / RESULTS_FILE).is_file() and (run_dir / "final" / "config.json").is_file():
+    if (run_dir / RESULTS_FILE).is_file() and (run_dir / CONFIG_FILE).is_file():
         return "finished"
     return "partial" if (run_dir / CONFIG_FILE).is_file() else "new"
 
@@ -229,6 +239,23 @@ def run_one(config: TrainConfig) -> str:
     resumed = find_latest_checkpoint(run_dir) is not None
     train(config)  # resume_from_checkpoint="latest": starts at step 0 when there is no checkpoint
     return "resumed" if resumed else "trained"
+
+
+def archive_run(run_dir: str | os.PathLike, archive_dir: str | os.PathLike) -> Path:
+    """Copy a finished run's small files (options, results, evaluation history) to `archive_dir/<run>/`.
+
+    The copy is a finished run for `run_comparison` (skipped, tabulated), without checkpoints or model,
+    so results can be committed as soon as a run ends and a comparison continued on another machine.
+    """
+    run_dir = Path(run_dir)
+    if run_status(run_dir) != "finished":
+        raise ValueError(f"{run_dir} is not a finished run (no {RESULTS_FILE}).")
+    target = Path(archive_dir) / run_dir.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, RESULTS_FILE, HISTORY_FILE):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, target / name)
+    return target
 
 
 def load_run(run_dir: str | os.PathLike) -> dict:
@@ -444,23 +471,31 @@ def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
 
     Returns:
         `dict`: The content of `comparison.json`: `command`, `settings`, `runs` (name, data set,
-        objective, seed, `status` in trained / resumed / skipped / finished / missing) and `summary`
+        objective, seed, `status` in trained / resumed / skipped / archived / finished / missing) and `summary`
         (`aggregate`'s output).
     """
     from accelerate import PartialState
 
     run_configs = config.run_configs()
-    statuses = {}
+    statuses, sources = {}, {}
     for run_config in run_configs:
         name = Path(run_config.output_dir).name
+        archived = Path(config.archive_dir) / name if config.archive_dir else None
+        if run_status(run_config.output_dir) != "finished" and archived is not None and run_status(archived) == "finished":
+            check_same_run(run_config, archived)
+            statuses[name], sources[name] = "archived", archived
+            continue
+        sources[name] = Path(run_config.output_dir)
         if config.collect_only:
             statuses[name] = "finished" if run_status(run_config.output_dir) == "finished" else "missing"
             continue
         PartialState().print(f"=== {name}: {run_status(run_config.output_dir)} run ===")
         statuses[name] = run_one(run_config)
+        if archived is not None and PartialState().is_main_process:
+            archive_run(run_config.output_dir, config.archive_dir)
         PartialState().print(f"=== {name}: {statuses[name]} ===")
 
-    runs = [load_run(c.output_dir) for c in run_configs if statuses[Path(c.output_dir).name] != "missing"]
+    runs = [load_run(sources[name]) for name in statuses if statuses[name] != "missing"]
     summary = aggregate(runs)
     comparison = {
         "command": command,
@@ -532,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", nargs="+", default=[None], help="one or more name-description directories (default: data/)")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="runs and comparison files (default: %(default)s)")
     parser.add_argument("--collect_only", action="store_true", help="train nothing; tabulate the finished runs")
+    parser.add_argument("--archive_dir", default=None, help="copy each finished run's results here (commit them); runs finished there are not trained again")
     return parser
 
 
@@ -543,5 +579,5 @@ def parse_args(argv: Sequence[str] | None = None) -> CompareConfig:
     overrides.update(given)
     return CompareConfig(
         objectives=args.objectives, seeds=args.seeds, data_dirs=args.data_dir, output_dir=args.output_dir,
-        train_overrides=overrides, collect_only=args.collect_only,
+        train_overrides=overrides, collect_only=args.collect_only, archive_dir=args.archive_dir,
     )

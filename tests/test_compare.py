@@ -11,6 +11,7 @@ import yaml
 
 from bico.compare import (
     CompareConfig,
+    archive_run,
     aggregate,
     check_same_run,
     dataset_label,
@@ -206,6 +207,28 @@ def test_status_and_config_mismatch(tmp_path):
     (run_dir / "results.json").unlink()
     assert run_status(run_dir) == "partial"
     assert run_status(tmp_path / "nothing") == "new"
+
+
+def test_archived_runs_count_as_finished_and_are_not_trained_again(tmp_path, monkeypatch):
+    import bico.compare
+
+    data = str(tmp_path / "small")
+    run_dir = _fake_run(tmp_path / "runs", data, "bico", 0, 0.3, 0.8)
+    (run_dir / "checkpoints").mkdir()
+    archived = archive_run(run_dir, tmp_path / "archive")
+    assert sorted(p.name for p in archived.iterdir()) == ["eval_history.jsonl", "results.json", "train_config.yaml"]
+    assert run_status(archived) == "finished" and load_run(archived) == load_run(run_dir)
+    with pytest.raises(ValueError, match="not a finished run"):
+        archive_run(tmp_path / "runs" / "nothing", tmp_path / "archive")
+
+    monkeypatch.setattr(bico.compare, "train", lambda config: pytest.fail("an archived run was trained again"))
+    stored = yaml.safe_load((archived / "train_config.yaml").read_text())
+    config = CompareConfig(objectives=["bico"], seeds=[0], data_dirs=[data], output_dir=str(tmp_path / "fresh"),
+                           archive_dir=str(tmp_path / "archive"),
+                           train_overrides={"max_steps": stored["max_steps"], "eval_every": stored["eval_every"]})
+    comparison = run_comparison(config)
+    assert [run["status"] for run in comparison["runs"]] == ["archived"]
+    assert comparison["summary"]["small"]["bico"]["final"]["n2d-reverse"]["rank_accuracy"]["mean"] == 0.8
 
 
 def _mtimes(run_dir: Path) -> dict:
