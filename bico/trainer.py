@@ -179,7 +179,7 @@ class BicoTrainerMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         model = self.accelerator.unwrap_model(self.model)
-        model.config.bico_objective = OBJECTIVE  # bico-eval reads it; inference stays causal
+        model.config.bico_objective = OBJECTIVE if self.p_bico > 0 else "ntp"  # recorded for bico-eval; inference stays causal
         with _unpatched(self.model):
             if self.merge_adapters and not _internal_call and hasattr(model, "merge_and_unload"):
                 return self._save_merged(model, output_dir or self.args.output_dir)
