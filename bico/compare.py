@@ -49,8 +49,11 @@ DEFAULT_OUTPUT_DIR = "runs/compare"
 # The comparison sets these per run; as overrides they would make every run the same.
 PER_RUN_FIELDS = ("objective", "seed", "data_dir", "output_dir", "resume_from_checkpoint")
 # TrainConfig fields that change neither the training nor its numbers; a finished run may differ in them.
+# Options that change neither the trained weights nor the numbers of a task that was evaluated: a run
+# made with other values of these is the same experiment (e.g. resumed with fewer threads, or without
+# the slow `both` task).
 NON_RESULT_FIELDS = ("output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
-                     "checkpoints_total_limit", "eval_batch_size")
+                     "checkpoints_total_limit", "eval_batch_size", "cpu_threads", "eval_tasks")
 # Per-task numbers of `bico.evaluation.evaluate` that are averaged over seeds.
 SUMMARY_METRICS = ("exact_match", "contains", "bleu_word", "bleu_char", "target_logprob", "random_logprob",
                    "target_beats_random", "rank_accuracy", "rank_chance")

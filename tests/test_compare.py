@@ -202,6 +202,7 @@ def test_status_and_config_mismatch(tmp_path):
     assert run_status(run_dir) == "finished"
     same = TrainConfig(**{**yaml.safe_load((run_dir / "train_config.yaml").read_text()), "report_to": "tensorboard"})
     check_same_run(same, run_dir)  # logging options do not matter
+    check_same_run(TrainConfig(**{**asdict(same), "cpu_threads": 1, "eval_tasks": "n2d-reverse"}), run_dir)  # nor threads or tasks
     with pytest.raises(ValueError, match=r"train_config.yaml: this run was made with other options \(max_steps: 100 there, 200 now\)"):
         check_same_run(TrainConfig(**{**asdict(same), "max_steps": 200}), run_dir)
     (run_dir / "results.json").unlink()
