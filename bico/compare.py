@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,11 +33,12 @@ from pathlib import Path
 import yaml
 
 from .checkpoints import find_latest_checkpoint
-from .config import DEFAULT_MAX_STEPS, TrainConfig, build_parser as build_train_parser, load_yaml_config
+from .config import DEFAULT_MAX_STEPS, TrainConfig, load_yaml_config
+from .config import build_parser as build_train_parser
 from .data import DEFAULT_DATA_DIR
 from .objectives import OBJECTIVES
+from .report import aggregate, format_comparison, write_comparison
 from .training import train
-
 
 RESULTS_FILE = "results.json"  # written by `train` after the final evaluation: marks a finished run
 HISTORY_FILE = "eval_history.jsonl"  # evaluations during training, one JSON object per line
@@ -48,19 +48,11 @@ DEFAULT_OBJECTIVES = ("ntp", "bico", "abi")
 DEFAULT_OUTPUT_DIR = "runs/compare"
 # The comparison sets these per run; as overrides they would make every run the same.
 PER_RUN_FIELDS = ("objective", "seed", "data_dir", "output_dir", "resume_from_checkpoint")
-# TrainConfig fields that change neither the training nor its numbers; a finished run may differ in them.
 # Options that change neither the trained weights nor the numbers of a task that was evaluated: a run
 # made with other values of these is the same experiment (e.g. resumed with fewer threads, or without
 # the slow `both` task).
 NON_RESULT_FIELDS = ("output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
                      "checkpoints_total_limit", "eval_batch_size", "cpu_threads", "eval_tasks")
-# Per-task numbers of `bico.evaluation.evaluate` that are averaged over seeds.
-SUMMARY_METRICS = ("exact_match", "contains", "bleu_word", "bleu_char", "target_logprob", "random_logprob",
-                   "target_beats_random", "rank_accuracy", "rank_chance")
-PLOT_TASKS = ("n2d-reverse", "d2n-reverse")
-PLOT_METRICS = {"exact_match": "exact match", "rank_accuracy": "candidate-ranking accuracy"}
-# Fixed colours, so an objective looks the same in every panel and every plot.
-OBJECTIVE_COLORS = {"ntp": "tab:blue", "bico": "tab:orange", "abi": "tab:green", "reverse": "tab:red"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 EVALS_PER_RUN = 10  # default `eval_every` = max_steps / EVALS_PER_RUN
 # The options that make a variant of an objective ("bico:mask_prob=0.3"), per objective, in label order.
@@ -287,177 +279,6 @@ def load_run(run_dir: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregation over seeds
-# --------------------------------------------------------------------------------------------------
-
-
-def summarize(values: Sequence[float]) -> dict:
-    """`{"mean", "std", "n", "values"}`; `std` is the sample standard deviation, None for one value."""
-    values = [float(v) for v in values]
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else None,
-        "n": len(values),
-        "values": values,
-    }
-
-
-def _task_numbers(runs: list[dict], get_tasks) -> dict:
-    """`{task: {metric: summarize([...])}}` over `runs`, for the metrics every run has a number for."""
-    out = {}
-    tasks = dict.fromkeys(task for run in runs for task in get_tasks(run))
-    for task in tasks:
-        per_run = [get_tasks(run)[task] for run in runs if task in get_tasks(run)]
-        metrics = {}
-        for metric in SUMMARY_METRICS:
-            values = [m[metric] for m in per_run if m.get(metric) is not None]
-            if values:
-                metrics[metric] = summarize(values)
-        out[task] = metrics
-    return out
-
-
-def curve_points(run: dict) -> dict[int, dict]:
-    """`{step: {task: metrics}}`: the evaluations during training plus the final one at the last step."""
-    points = {record["step"]: dict(record["tasks"]) for record in run["history"]}
-    if run["steps"] is not None:
-        points[run["steps"]] = {**points.get(run["steps"], {}), **run["results"]}
-    return dict(sorted(points.items()))
-
-
-def aggregate(runs: list[dict]) -> dict:
-    """Mean and spread over seeds of every run's final results and curves.
-
-    Args:
-        runs (`list[dict]`): `load_run` outputs (any data sets, objectives and seeds).
-
-    Returns:
-        `dict`: `{dataset: {objective: {"seeds": [...], "steps": [...], "final": {task: {metric: stats}},
-        "curves": {task: {metric: {"steps": [...], "mean": [...], "std": [...], "n": [...]}}}}}}`, where
-        `stats` is `summarize`'s dict; data sets and objectives in the order of `runs`.
-    """
-    out: dict = {}
-    groups: dict = {}
-    for run in runs:
-        groups.setdefault(run["dataset"], {}).setdefault(run["objective"], []).append(run)
-    for dataset, objectives in groups.items():
-        for objective, group in objectives.items():
-            points = [curve_points(run) for run in group]
-            steps = sorted({step for p in points for step in p})
-            by_step = {step: _task_numbers([p for p in points if step in p], lambda p, s=step: p[s]) for step in steps}
-            curves: dict = {}
-            for step in steps:
-                for task, metrics in by_step[step].items():
-                    for metric, stats in metrics.items():
-                        curve = curves.setdefault(task, {}).setdefault(metric, {"steps": [], "mean": [], "std": [], "n": []})
-                        curve["steps"].append(step)
-                        curve["mean"].append(stats["mean"])
-                        curve["std"].append(stats["std"])
-                        curve["n"].append(stats["n"])
-            out.setdefault(dataset, {})[objective] = {
-                "seeds": [run["seed"] for run in group],
-                "steps": sorted({run["steps"] for run in group if run["steps"] is not None}),
-                "final": _task_numbers(group, lambda run: run["results"]),
-                "curves": curves,
-            }
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Table and plot
-# --------------------------------------------------------------------------------------------------
-
-
-def _cell(stats: dict | None, digits: int, spread: bool = True) -> str:
-    if stats is None:
-        return "-"
-    text = f"{stats['mean']:.{digits}f}"
-    # The chance rate is a property of the data, not of the run: no spread to show.
-    return text if stats["std"] is None or not spread else f"{text} ± {stats['std']:.{digits}f}"
-
-
-def format_comparison(summary: dict) -> str:
-    """Markdown tables of the final results: one per data set, one row per (task, objective).
-
-    Columns: seeds (n); Berglund exact match; candidate-ranking accuracy and its chance rate; the mean
-    log-probability of the target and of a random other person's answer, and how often the target wins
-    (the last three only for the tasks with a `*_randomized` file). `mean ± std` over seeds; `-` where a
-    metric does not apply.
-    """
-    header = ("| task | objective | n | exact match | rank accuracy | rank chance | log p(target) "
-              "| log p(random) | p(target) > p(random) |")
-    blocks = []
-    for dataset, objectives in summary.items():
-        steps = sorted({s for entry in objectives.values() for s in entry["steps"]})
-        lines = [f"### {dataset} ({', '.join(map(str, steps))} steps)", "", header, "|" + "---|" * 9]
-        tasks = list(dict.fromkeys(task for entry in objectives.values() for task in entry["final"]))
-        for task in tasks:
-            for objective, entry in objectives.items():
-                metrics = entry["final"].get(task)
-                if metrics is None:
-                    continue
-                n = max((stats["n"] for stats in metrics.values()), default=0)
-                cells = [task, objective, str(n), _cell(metrics.get("exact_match"), 3), _cell(metrics.get("rank_accuracy"), 3),
-                         _cell(metrics.get("rank_chance"), 3, spread=False), _cell(metrics.get("target_logprob"), 2),
-                         _cell(metrics.get("random_logprob"), 2), _cell(metrics.get("target_beats_random"), 3)]
-                lines.append("| " + " | ".join(cells) + " |")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
-
-
-def plot_comparison(summary: dict, path: str | os.PathLike | None = None, tasks: Sequence[str] = PLOT_TASKS):
-    """Plot the reverse tasks' metrics against training steps: one line per objective, mean over seeds.
-
-    One row of panels per (data set, metric in `PLOT_METRICS`), one column per task. The band is
-    mean ± std over seeds (none for one seed); the ranking panels show the chance rate as a dashed line.
-
-    Args:
-        summary (`dict`): `aggregate`'s output.
-        path (`str` or `os.PathLike`, *optional*): Where to save the PNG; not saved when None.
-        tasks (`Sequence[str]`, *optional*, defaults to `("n2d-reverse", "d2n-reverse")`): The columns.
-
-    Returns:
-        `matplotlib.figure.Figure`.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
-
-    rows = [(dataset, metric) for dataset in summary for metric in PLOT_METRICS]
-    fig = Figure(figsize=(5.5 * len(tasks), 3.4 * len(rows)), layout="constrained")
-    axes = fig.subplots(len(rows), len(tasks), squeeze=False)
-    for (dataset, metric), row in zip(rows, axes):
-        for task, ax in zip(tasks, row):
-            chance = None
-            for objective, entry in summary[dataset].items():
-                curve = entry["curves"].get(task, {}).get(metric)
-                if curve is None:
-                    continue
-                color = OBJECTIVE_COLORS.get(objective)
-                n = max(curve["n"])
-                ax.plot(curve["steps"], curve["mean"], marker="o", markersize=3, color=color, label=f"{objective} (n={n})")
-                if any(std is not None for std in curve["std"]):
-                    low = [m - (s or 0.0) for m, s in zip(curve["mean"], curve["std"])]
-                    high = [m + (s or 0.0) for m, s in zip(curve["mean"], curve["std"])]
-                    ax.fill_between(curve["steps"], low, high, color=color, alpha=0.2, linewidth=0)
-                chance_curve = entry["curves"].get(task, {}).get("rank_chance")
-                if chance_curve is not None:
-                    chance = chance_curve["mean"][-1]
-            if metric == "rank_accuracy" and chance is not None:
-                ax.axhline(chance, linestyle="--", color="gray", linewidth=1, label=f"chance ({chance:.3f})")
-            ax.set_title(f"{dataset}: {task}")
-            ax.set_xlabel("training step")
-            ax.set_ylabel(PLOT_METRICS[metric])
-            ax.set_ylim(-0.03, 1.03)
-            ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize="small")
-            else:
-                ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes)
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------------
 # The comparison
 # --------------------------------------------------------------------------------------------------
 
@@ -521,32 +342,6 @@ def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
         write_comparison(comparison, config.output_dir)
         print(format_comparison(summary) if summary else "no finished runs")
     return comparison
-
-
-def write_comparison(comparison: dict, output_dir: str | os.PathLike) -> None:
-    """Write `comparison.json`, `comparison.md` and (when there are finished runs) `comparison.png`."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
-    lines = ["# Objective comparison", ""]
-    if comparison.get("command"):
-        lines += ["```", comparison["command"], "```", ""]
-    missing = [run["name"] for run in comparison["runs"] if run["status"] == "missing"]
-    if missing:
-        lines += [f"Not finished (left out): {', '.join(missing)}.", ""]
-    lines += [
-        "Final evaluation of each run, mean ± sample std over seeds (n = seeds). Exact match: Berglund et al.'s "
-        "(stripped, lowercased greedy answer starts with the target). Rank accuracy: the target has the highest "
-        "log-probability among the file's distinct answers; rank chance: the same for a random ranking. "
-        "log p: total log-probability in nats of the target and of another person's answer (`*_randomized` files).",
-        "",
-        format_comparison(comparison["summary"]) if comparison["summary"] else "No finished runs.",
-        "",
-    ]
-    if comparison["summary"]:
-        plot_comparison(comparison["summary"], output_dir / "comparison.png")
-        lines += ["![reverse tasks against training steps](comparison.png)", ""]
-    (output_dir / "comparison.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,20 +12,18 @@ import yaml
 from bico.compare import (
     CompareConfig,
     archive_run,
-    aggregate,
     check_same_run,
     dataset_label,
-    format_comparison,
     load_run,
     parse_args,
     parse_variant,
-    plot_comparison,
     run_comparison,
     run_name,
     run_status,
     variant_label,
 )
 from bico.config import DEFAULT_MAX_STEPS, TrainConfig
+from bico.report import aggregate, format_ablation, format_comparison, plot_comparison
 
 
 TASK_ANSWERS = {"n2d": "description", "n2d-reverse": "name", "d2n": "name", "d2n-reverse": "description", "both": "either"}
@@ -180,6 +178,19 @@ def test_table_shows_mean_std_n_and_chance(fake_runs):
     n2d = next(line for line in lines if line.startswith("| n2d | ntp |"))
     assert n2d.split("|")[8].strip() == "-"  # no randomized file for n2d
     assert sum(line.startswith("| ") and "---" not in line for line in lines) == 1 + 5 * 2
+
+
+def test_ablation_table_has_a_row_per_objective_and_the_chance_rates(fake_runs):
+    lines = format_ablation(aggregate(fake_runs)).splitlines()
+    assert lines[0] == "### small (100 steps)"
+    assert lines[2] == ("| objective | n | n2d EM | n2d-reverse EM | n2d-reverse rank | d2n EM | d2n-reverse EM "
+                        "| d2n-reverse rank |")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]] for line in lines[4:]}
+    assert list(rows) == ["ntp", "bico", "chance"]
+    assert rows["bico"] == ["2", "0.400 ± 0.141", "0.400 ± 0.141", "0.850 ± 0.071", "0.400 ± 0.141", "0.400 ± 0.141",
+                            "0.850 ± 0.071"]
+    assert rows["ntp"][3] == "0.030 ± 0.014"
+    assert rows["chance"] == ["", "-", "-", "0.033", "-", "-", "0.033"]
 
 
 def test_plot_has_a_line_per_objective_and_the_chance_rate(fake_runs, tmp_path):
