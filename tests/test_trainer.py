@@ -312,8 +312,32 @@ def test_the_mixin_composes_with_another_trainer_class(tmp_path, tiny_model_dir,
     assert LoggingTrainer.calls == 4 and modes == [trainer.step_objective(step) == "bico" for step in range(4)]
 
 
+def _unmet_requirements(dist: str) -> list[str]:
+    """`dist`'s declared requirements (no extras) that the installed packages do not satisfy."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for line in metadata.requires(dist) or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            installed = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            unmet.append(f"{req} (not installed)")
+            continue
+        if not req.specifier.contains(installed, prereleases=True):
+            unmet.append(f"{req} (installed {installed})")
+    return unmet
+
+
 def test_trl_sft_trainer_with_completion_only_loss(tmp_path, tiny_model_dir, data_dir):
     trl = pytest.importorskip("trl")
+    # A TRL left over beside older pins (e.g. the lowest-releases leg) fails inside TRL, not in bico.
+    if unmet := _unmet_requirements("trl"):
+        pytest.skip(f"the installed trl {trl.__version__} needs {', '.join(unmet)}")
 
     class BicoSFTTrainer(BicoTrainerMixin, trl.SFTTrainer):
         pass
