@@ -209,6 +209,8 @@ def check_same_run(config: TrainConfig, run_dir: str | os.PathLike) -> None:
         if key in NON_RESULT_FIELDS:
             continue
         old = stored.get(key, TrainConfig.__dataclass_fields__[key].default)
+        if key == "data_dir":  # None is the project's set, which `--data_dir data` also names
+            old, value = (DEFAULT_DATA_DIR if v is None else v for v in (old, value))
         if key in ("data_dir", "model_name_or_path") and old is not None and value is not None:
             same = Path(old).resolve() == Path(value).resolve()
         else:

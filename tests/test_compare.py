@@ -23,8 +23,8 @@ from bico.compare import (
     variant_label,
 )
 from bico.config import DEFAULT_MAX_STEPS, TrainConfig
+from bico.data import DEFAULT_DATA_DIR
 from bico.report import aggregate, format_ablation, format_comparison, plot_comparison
-
 
 TASK_ANSWERS = {"n2d": "description", "n2d-reverse": "name", "d2n": "name", "d2n-reverse": "description", "both": "either"}
 
@@ -214,6 +214,10 @@ def test_status_and_config_mismatch(tmp_path):
     same = TrainConfig(**{**yaml.safe_load((run_dir / "train_config.yaml").read_text()), "report_to": "tensorboard"})
     check_same_run(same, run_dir)  # logging options do not matter
     check_same_run(TrainConfig(**{**asdict(same), "cpu_threads": 1, "eval_tasks": "n2d-reverse"}), run_dir)  # nor threads or tasks
+    assert same.data_dir is None
+    check_same_run(TrainConfig(**{**asdict(same), "data_dir": str(DEFAULT_DATA_DIR)}), run_dir)  # the default set, named
+    with pytest.raises(ValueError, match="data_dir: "):
+        check_same_run(TrainConfig(**{**asdict(same), "data_dir": str(tmp_path)}), run_dir)
     with pytest.raises(ValueError, match=r"train_config.yaml: this run was made with other options \(max_steps: 100 there, 200 now\)"):
         check_same_run(TrainConfig(**{**asdict(same), "max_steps": 200}), run_dir)
     (run_dir / "results.json").unlink()
