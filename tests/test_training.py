@@ -69,6 +69,13 @@ def test_shipped_configs_load():
     assert [str(kind).split(".")[-1] for kind in kinds.values()] == ["NO", "MULTI_GPU", "FSDP", "DEEPSPEED"]
     config = parse_config(["--config", str(REPO_ROOT / "configs" / "train_llama2_lora.yaml")])
     assert (config.lora_r, config.lora_alpha, config.learning_rate, config.objective) == (32, 16, 2e-5, "bico")
+    smollm2 = REPO_ROOT / "configs" / "smollm2_berglund.yaml"
+    config = parse_config(["--config", str(smollm2)])
+    assert (config.lora_r, config.learning_rate, config.train_file, config.objective) == (0, 1e-4, "p2d_prompts_train.jsonl", "bico")
+    from bico.compare import parse_args
+
+    compare = parse_args(["--config", str(smollm2), "--objectives", "ntp", "bico:mask_prob=0.3"])  # sets no per-run field
+    assert compare.train_overrides["num_train_epochs"] == 10
 
 
 def test_bad_options_name_the_field(tmp_path):
