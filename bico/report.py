@@ -157,7 +157,8 @@ def format_ablation(summary: dict, columns: Sequence[tuple[str, str, str]] = ABL
     """Markdown tables with one row per objective (variants included) and one column per (task, metric).
 
     Cells are `mean ± std` over seeds; the last row gives the chance rate of the ranking columns (exact
-    match has none: a random answer is never right). One table per data set, objectives in run order.
+    match's depends on the answers a model gives: 1 in N for one of N trained answers at random). One
+    table per data set, objectives in run order.
     """
     header = "| objective | n | " + " | ".join(title for _, _, title in columns) + " |"
     blocks = []
