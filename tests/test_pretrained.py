@@ -288,3 +288,45 @@ def test_bico_eval_takes_a_gguf_file(tmp_path, smollm2_dir, small_data_dir):
     assert converted.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     weights, fetched = load_file(converted / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
     assert weights.keys() == fetched.keys() and all(torch.equal(weights[k], fetched[k]) for k in weights)
+
+
+@pytest.mark.real
+def test_abi_on_the_real_checkpoint_trains_and_infills_on_its_cache(smollm2_dir):
+    """The ABI baseline on SmolLM2 (no BOS, tied embeddings, GQA 9/3), cut to 4 layers, in float64.
+
+    New `[MASK]`/`[START]`/`[END]` rows go into the tied embedding (one matrix, so the head grows too);
+    one blank-infilling training step reaches them; the KV-cache inference the comparison runs use
+    gives the reference's greedy tokens and scores.
+    """
+    from bico.abi import AbiCollator, prepare_abi_model
+    from bico.abi_generation import abi_generate_ids, abi_score
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float64)
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    vocab = model.get_input_embeddings().num_embeddings
+    torch.manual_seed(0)
+    tokens = prepare_abi_model(model, tokenizer)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) == vocab + 3
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert min(tokens) >= vocab
+
+    patch_llama(model)
+    rows = [{"input_ids": tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]} for text in SENTENCES]
+    batch = AbiCollator(tokenizer, mask_ratio=0.3, seed=0)(rows)
+    with bidirectional(model):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grad = model.get_input_embeddings().weight.grad
+    assert grad[tokens.start_token_id].abs().sum() > 0 and grad[tokens.mask_token_id].abs().sum() > 0
+
+    prompts = [text.rsplit(" ", 3)[0] for text in SENTENCES]
+    reference = abi_generate_ids(model, tokenizer, prompts, max_new_tokens=6, use_cache=False)
+    assert abi_generate_ids(model, tokenizer, prompts, max_new_tokens=6) == reference
+    completions = [" " + text.rsplit(" ", 3)[1] for text in SENTENCES]
+    pairs = [(p, c) for p in prompts for c in completions]
+    fast = abi_score(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs])
+    slow = abi_score(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], use_cache=False)
+    torch.testing.assert_close(fast, slow, atol=1e-9, rtol=0)
