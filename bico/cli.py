@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DEFAULT_DATA_DIR, TASKS, load_task, resolve_tasks
+from .data import DEFAULT_DATA_DIR, TASKS, load_task, resolve_data_dir, resolve_tasks
 from .pretrained import CheckpointError, is_gguf, resolve_model_path
 
 
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(
             f"--batch-size and --max-new-tokens must be positive integers, got {args.batch_size} and {args.max_new_tokens}."
         )
-    data_dir = Path(args.data_dir) if args.data_dir is not None else DEFAULT_DATA_DIR
+    data_dir = resolve_data_dir(args.data_dir)
     try:
         for task in tasks:
             # Check every task file before the (possibly slow) model load; a DataError says which file and line.

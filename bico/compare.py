@@ -35,7 +35,7 @@ import yaml
 from .checkpoints import find_latest_checkpoint
 from .config import DEFAULT_MAX_STEPS, TrainConfig, load_yaml_config
 from .config import build_parser as build_train_parser
-from .data import DEFAULT_DATA_DIR
+from .data import DEFAULT_DATA_DIR, resolve_data_dir
 from .objectives import OBJECTIVES
 from .report import aggregate, format_comparison, write_comparison
 from .training import train
@@ -164,7 +164,7 @@ def variant_label(config: TrainConfig) -> str:
 
 def dataset_label(data_dir: str | os.PathLike | None) -> str:
     """The data set's name in run directories and tables: the directory name (`data` for the default)."""
-    path = DEFAULT_DATA_DIR if data_dir is None else Path(data_dir)
+    path = resolve_data_dir(data_dir)
     if path.resolve() == DEFAULT_DATA_DIR.resolve():
         return "data"  # the packaged set, however it is reached (bico/dataset, or the checkout's data/ link)
     name = path.resolve().name or str(path)
@@ -210,7 +210,7 @@ def check_same_run(config: TrainConfig, run_dir: str | os.PathLike) -> None:
             continue
         old = stored.get(key, TrainConfig.__dataclass_fields__[key].default)
         if key == "data_dir":  # None is the project's set, which `--data_dir data` also names
-            old, value = (DEFAULT_DATA_DIR if v is None else v for v in (old, value))
+            old, value = str(resolve_data_dir(old)), str(resolve_data_dir(value))
         if key in ("data_dir", "model_name_or_path") and old is not None and value is not None:
             same = Path(old).resolve() == Path(value).resolve()
         else:
@@ -328,7 +328,7 @@ def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
         "settings": {
             "objectives": config.objectives,
             "seeds": config.seeds,
-            "data_dirs": [str(DEFAULT_DATA_DIR if d is None else d) for d in config.data_dirs],
+            "data_dirs": [str(resolve_data_dir(d)) for d in config.data_dirs],
             "train_overrides": config.train_overrides,
             "eval_every": run_configs[0].eval_every,
             "spread": "sample standard deviation over seeds (n - 1)",

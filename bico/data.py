@@ -96,7 +96,8 @@ def resolve_tasks(names: str | Iterable[str]) -> list[str]:
     return resolved
 
 
-def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """`data_dir` as a `Path`; None is the project's packaged set (`DEFAULT_DATA_DIR`)."""
     return DEFAULT_DATA_DIR if data_dir is None else Path(data_dir)
 
 
@@ -186,7 +187,7 @@ def load_train(data_dir: str | os.PathLike | None = None, file: str = TRAIN_FILE
     Returns:
         `datasets.Dataset`: Rows in file order.
     """
-    path = _find_file(_resolve_data_dir(data_dir), file)
+    path = _find_file(resolve_data_dir(data_dir), file)
     return _to_dataset(read_jsonl(path))
 
 
@@ -210,7 +211,7 @@ def load_task(task: str | Task, data_dir: str | os.PathLike | None = None) -> Da
     """
     if not isinstance(task, Task):
         task = TASKS[resolve_tasks([task])[0]]
-    data_dir = _resolve_data_dir(data_dir)
+    data_dir = resolve_data_dir(data_dir)
     rows = read_jsonl(_find_file(data_dir, task.file))
     columns = list(REQUIRED_FIELDS)
     if task.randomized_file is not None and (data_dir / task.randomized_file).is_file():

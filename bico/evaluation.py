@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .compat import CACHE_KWARG, output_cache
-from .data import DEFAULT_DATA_DIR, TASKS, load_task, resolve_tasks
+from .data import TASKS, load_task, resolve_data_dir, resolve_tasks
 from .metrics import char_bleu, contains_match, exact_match, mean_char_bleu, rank_correct, ranking_candidates, word_bleu
 
 
@@ -247,7 +247,7 @@ def evaluate(
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens}.")
     task_names = resolve_tasks(tasks)
-    data_dir = DEFAULT_DATA_DIR if data_dir is None else Path(data_dir)
+    data_dir = resolve_data_dir(data_dir)
     datasets = {name: load_task(name, data_dir) for name in task_names}
     names = [c for name in NAME_TASKS if (data_dir / TASKS[name].file).is_file() for c in load_task(name, data_dir)["completion"]]
 
