@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bico.pretrained
+from bico.abi import AbiCollator, prepare_abi_model
+from bico.abi_generation import abi_generate_ids, abi_score
 from bico.patch import bidirectional, patch_llama, unpatch_llama
 from bico.pretrained import CheckpointError, convert_gguf, fetch_smollm2, fetch_smollm2_gguf, resolve_model_path
 
@@ -166,6 +168,14 @@ def brute_force_attention(module, hidden, positions, key_mask, rope_theta):
     return module.o_proj(out.transpose(1, 2).reshape(B, L, H * D))
 
 
+def load_first_layers(model_dir, layers):
+    """The checkpoint in float64, cut to its first `layers` decoder layers."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    return model
+
+
 def forward_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     out = model(**batch, use_cache=False)
@@ -194,9 +204,7 @@ def test_patch_matches_float64_brute_force(smollm2_dir, smollm2_tokenizer, layer
     section 7 saw up to 2.4e-5 / 4e-4 at 30 on another batch (HF computes the RoPE angles in float32,
     so the gap grows with depth). A logic error is > 1e-3 at one layer.
     """
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float64)
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
+    model = load_first_layers(smollm2_dir, layers)
     batch = padded_batch(smollm2_tokenizer)
     patch_llama(model)
     with bidirectional(model):
@@ -298,13 +306,8 @@ def test_abi_on_the_real_checkpoint_trains_and_infills_on_its_cache(smollm2_dir)
     one blank-infilling training step reaches them; the KV-cache inference the comparison runs use
     gives the reference's greedy tokens and scores.
     """
-    from bico.abi import AbiCollator, prepare_abi_model
-    from bico.abi_generation import abi_generate_ids, abi_score
-
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float64)
-    model.model.layers = model.model.layers[:4]
-    model.config.num_hidden_layers = 4
+    model = load_first_layers(smollm2_dir, 4)
     vocab = model.get_input_embeddings().num_embeddings
     torch.manual_seed(0)
     tokens = prepare_abi_model(model, tokenizer)
