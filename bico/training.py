@@ -17,6 +17,7 @@ with the same global batch, repeats the same sequence of batches, objectives and
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -369,6 +370,12 @@ def train(config: TrainConfig) -> dict:
     final_dir = output_dir / "final"
     final_model = save_final_model(accelerator, model, tokenizer, config, model_dir, final_dir)
     results = _final_evaluation(final_model, tokenizer, config, accelerator, final_dir, global_step)
+    # DDP's reducer holds the process group: freed after the group is destroyed, it runs gloo's destructor,
+    # which joins gloo's threads while holding the GIL and can deadlock (seen with 2 processes on a busy
+    # 2-core machine). So the wrapped model goes first.
+    del model, optimizer, dataloader, scheduler
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     return {
         "global_step": global_step,

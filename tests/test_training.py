@@ -212,13 +212,23 @@ def _free_port() -> int:
 
 
 DRIVER = """
-import json, sys
+import gc, json, sys
+import torch
 from accelerate import PartialState
 from bico.training import TrainConfig, train
+
+# A DDP wrapper still alive when the group is destroyed frees its reducer later, in gloo's destructor,
+# which can deadlock; record any that is.
+destroy, alive = torch.distributed.destroy_process_group, []
+def checked_destroy(*args, **kwargs):
+    alive.extend(type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel))
+    return destroy(*args, **kwargs)
+torch.distributed.destroy_process_group = checked_destroy
+
 config = TrainConfig(**json.loads(sys.argv[1]))
 result = train(config)
 with open(f"{config.output_dir}/objectives_{PartialState().process_index}.json", "w") as f:
-    json.dump(result["objectives"], f)
+    json.dump({"objectives": result["objectives"], "ddp_alive_at_destroy": alive}, f)
 """
 
 
@@ -237,8 +247,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "2 process(es) x batch 4" in completed.stdout
 
-    rank0 = json.loads((tmp_path / "two" / "objectives_0.json").read_text())
-    rank1 = json.loads((tmp_path / "two" / "objectives_1.json").read_text())
+    rank0, rank1 = (json.loads((tmp_path / "two" / f"objectives_{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["ddp_alive_at_destroy"] == rank1["ddp_alive_at_destroy"] == []
+    rank0, rank1 = rank0["objectives"], rank1["objectives"]
     assert rank0 == rank1 == single["objectives"]
     assert {name for _, name in rank0} == {"bico", "ntp"}
     assert _max_difference(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-5
