@@ -38,7 +38,7 @@ from .config import build_parser as build_train_parser
 from .data import DEFAULT_DATA_DIR, resolve_data_dir
 from .objectives import OBJECTIVES
 from .report import aggregate, format_comparison, write_comparison
-from .training import train
+from .training import end_processes, process_state, train
 
 RESULTS_FILE = "results.json"  # written by `train` after the final evaluation: marks a finished run
 HISTORY_FILE = "eval_history.jsonl"  # evaluations during training, one JSON object per line
@@ -300,8 +300,7 @@ def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
         objective, seed, `status` in trained / resumed / skipped / archived / finished / missing) and `summary`
         (`aggregate`'s output).
     """
-    from accelerate import PartialState
-
+    state = process_state()
     run_configs = config.run_configs()
     statuses, sources = {}, {}
     for run_config in run_configs:
@@ -315,11 +314,11 @@ def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
         if config.collect_only:
             statuses[name] = "finished" if run_status(run_config.output_dir) == "finished" else "missing"
             continue
-        PartialState().print(f"=== {name}: {run_status(run_config.output_dir)} run ===")
+        state.print(f"=== {name}: {run_status(run_config.output_dir)} run ===")
         statuses[name] = run_one(run_config)
-        if archived is not None and PartialState().is_main_process:
+        if archived is not None and state.is_main_process:
             archive_run(run_config.output_dir, config.archive_dir)
-        PartialState().print(f"=== {name}: {statuses[name]} ===")
+        state.print(f"=== {name}: {statuses[name]} ===")
 
     runs = [load_run(sources[name]) for name in statuses if statuses[name] != "missing"]
     summary = aggregate(runs)
@@ -340,9 +339,10 @@ def run_comparison(config: CompareConfig, command: str | None = None) -> dict:
         ],
         "summary": summary,
     }
-    if PartialState().is_main_process:
+    if state.is_main_process:
         write_comparison(comparison, config.output_dir)
         print(format_comparison(summary) if summary else "no finished runs")
+    end_processes()
     return comparison
 
 

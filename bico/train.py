@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import sys
 
-from .training import parse_config, train
+from .training import end_processes, parse_config, train
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         train(parse_config(argv))
+        end_processes()
     except ValueError as error:  # bad options, bad data (`DataError`), unusable checkpoints (`CheckpointError`)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

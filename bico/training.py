@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState, skip_first_batches
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
@@ -46,7 +46,7 @@ from .patch import patch_llama, unpatch_llama
 from .pretrained import is_gguf, resolve_model_path
 
 
-__all__ = ["TrainConfig", "parse_config", "train", "save_final_model"]
+__all__ = ["TrainConfig", "parse_config", "train", "save_final_model", "end_processes"]
 
 logger = get_logger(__name__)
 
@@ -210,6 +210,20 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
+def process_state() -> PartialState:
+    """Accelerate's process state, set up as `Accelerator()` sets it up (honouring `accelerate launch --cpu`).
+
+    A bare `PartialState()` before the first `Accelerator` ignores `ACCELERATE_USE_CPU`: on a CPU launch of
+    several processes each would then take itself for the only one.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def end_processes() -> None:
+    """Destroy the process group of a multi-process launch, after the last `train` of the process."""
+    process_state().destroy_process_group()
+
+
 def _start_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
     """Refuse another run's checkpoints, drop half-written ones, record the config."""
     output_dir = Path(config.output_dir)
@@ -268,6 +282,9 @@ def train(config: TrainConfig) -> dict:
         `losses` (objective and mean loss of each step run in this call; `objectives` holds
         `[step, name]` pairs); `final_dir`; `eval_history` (evaluations during training);
         `results` (the final evaluation, or None).
+
+    Several runs can follow one another in a process: the process group of a multi-process launch stays
+    up, and `end_processes()` ends it after the last.
     """
     accelerator = _accelerator(config)
     _check_sharding(accelerator)
@@ -372,11 +389,12 @@ def train(config: TrainConfig) -> dict:
     results = _final_evaluation(final_model, tokenizer, config, accelerator, final_dir, global_step)
     # DDP's reducer holds the process group: freed after the group is destroyed, it runs gloo's destructor,
     # which joins gloo's threads while holding the GIL and can deadlock (seen with 2 processes on a busy
-    # 2-core machine). So the wrapped model goes first.
+    # 2-core machine). So nothing wrapped outlives train(); the group stays up for the next run.
     del model, optimizer, dataloader, scheduler
     accelerator.free_memory()
     gc.collect()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return {
         "global_step": global_step,
         "loss": last_loss,

@@ -10,6 +10,7 @@ newest checkpoint, so re-running the same command continues where it stopped. At
     python scripts/compare_objectives.py --data_dir data ../shared/data/reversal_curse --max_steps 1000 --eval_every 100
     python scripts/compare_objectives.py --output_dir runs/compare --collect_only      # table of the finished runs only
     accelerate launch scripts/compare_objectives.py ...      # optional: same result, Accelerate's launcher
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/compare_objectives.py ...   # 2 CPU processes
 
 Every flag of scripts/finetune_bico.py except --objective, --seed, --data_dir, --output_dir and
 --resume_from_checkpoint is accepted and applies to every run (see bico.config.TrainConfig).

@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from bico.data import DEFAULT_DATA_DIR
 from bico.report import aggregate, format_ablation, format_comparison, plot_comparison
 
 TASK_ANSWERS = {"n2d": "description", "n2d-reverse": "name", "d2n": "name", "d2n-reverse": "description", "both": "either"}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +294,30 @@ def test_end_to_end_trains_then_skips_then_resumes(tmp_path, tiny_model_dir, sma
     # Another option on the same output_dir is refused rather than mixed into the table.
     with pytest.raises(ValueError, match="other options"):
         run_comparison(parse_args([*argv, "--mask_prob", "0.3"]))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_run_every_comparison_run(tmp_path, tiny_model_dir, small_data_dir):
+    """Two CPU processes (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`): both runs train, one table.
+
+    A bare `PartialState()` took each CPU process for the only one, and the first run's end destroyed the
+    process group the second needed.
+    """
+    output_dir = tmp_path / "compare"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port),
+               str(REPO_ROOT / "scripts" / "compare_objectives.py"), "--objectives", "ntp", "bico", "--seeds", "0",
+               "--data_dir", str(small_data_dir), "--output_dir", str(output_dir), "--model_name_or_path", str(tiny_model_dir),
+               "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--eval_max_new_tokens", "4"]
+    completed = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    runs = json.loads((output_dir / "comparison.json").read_text())["runs"]
+    assert [(run["name"], run["status"]) for run in runs] == [("small-ntp-seed0", "trained"), ("small-bico-seed0", "trained")]
+    assert completed.stdout.count("| n2d-reverse | ntp | 1 |") == 1  # printed by the main process only
+    assert completed.stdout.count("=== small-bico-seed0: trained ===") == 1
+    train_config = yaml.safe_load((output_dir / "small-bico-seed0" / "train_config.yaml").read_text())
+    assert train_config["per_device_train_batch_size"] == 4
+    assert "2 process(es) x batch 4" in completed.stdout

@@ -215,18 +215,19 @@ DRIVER = """
 import gc, json, sys
 import torch
 from accelerate import PartialState
-from bico.training import TrainConfig, train
+from bico.training import TrainConfig, end_processes, train
 
 # A DDP wrapper still alive when the group is destroyed frees its reducer later, in gloo's destructor,
-# which can deadlock; record any that is.
+# which can deadlock; record, per call, any that is.
 destroy, alive = torch.distributed.destroy_process_group, []
 def checked_destroy(*args, **kwargs):
-    alive.extend(type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel))
+    alive.append([type(o).__name__ for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)])
     return destroy(*args, **kwargs)
 torch.distributed.destroy_process_group = checked_destroy
 
 config = TrainConfig(**json.loads(sys.argv[1]))
 result = train(config)
+end_processes()  # as bico-train does after train()
 with open(f"{config.output_dir}/objectives_{PartialState().process_index}.json", "w") as f:
     json.dump({"objectives": result["objectives"], "ddp_alive_at_destroy": alive}, f)
 """
@@ -248,7 +249,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     assert "2 process(es) x batch 4" in completed.stdout
 
     rank0, rank1 = (json.loads((tmp_path / "two" / f"objectives_{rank}.json").read_text()) for rank in (0, 1))
-    assert rank0["ddp_alive_at_destroy"] == rank1["ddp_alive_at_destroy"] == []
+    assert rank0["ddp_alive_at_destroy"] == rank1["ddp_alive_at_destroy"] == [[]]  # destroyed once, nothing wrapped alive
     rank0, rank1 = rank0["objectives"], rank1["objectives"]
     assert rank0 == rank1 == single["objectives"]
     assert {name for _, name in rank0} == {"bico", "ntp"}
