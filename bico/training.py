@@ -211,7 +211,7 @@ def _accelerator(config: TrainConfig) -> Accelerator:
 
 
 def process_state() -> PartialState:
-    """Accelerate's process state, set up as `Accelerator()` sets it up (honouring `accelerate launch --cpu`).
+    """Accelerate's process state, set up as `Accelerator()` sets it up (it honours `ACCELERATE_USE_CPU=1`).
 
     A bare `PartialState()` before the first `Accelerator` ignores `ACCELERATE_USE_CPU`: on a CPU launch of
     several processes each would then take itself for the only one.
