@@ -7,6 +7,7 @@ The session-scoped fixtures are built once per test run (well under 2 s together
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     tiny_tokenizer.save_pretrained(output_dir)
     model.save_pretrained(output_dir)
     return output_dir
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for `accelerate launch --main_process_port`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -206,14 +205,9 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     assert result.stdout == ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
-def test_two_processes_give_the_numbers_of_one(capsys, tiny_model_dir, subset_dir, tmp_path):
+def test_two_processes_give_the_numbers_of_one(capsys, tiny_model_dir, subset_dir, tmp_path, free_port):
     common = ["--task", "all", "--model", str(tiny_model_dir), "--data-dir", str(subset_dir), "--batch-size", "8", "--max-new-tokens", "6"]
     code, _, err = run_main(capsys, *common, "--output", str(tmp_path / "one.json"), "--predictions", str(tmp_path / "one.jsonl"))
     assert code == 0, err
@@ -221,7 +215,7 @@ def test_two_processes_give_the_numbers_of_one(capsys, tiny_model_dir, subset_di
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "bico.cli"]
+              "--main_process_port", str(free_port), "-m", "bico.cli"]
     result = subprocess.run(
         [*launch, *common, "--output", str(tmp_path / "two.json"), "--predictions", str(tmp_path / "two.jsonl")],
         capture_output=True, text=True, env=env, timeout=300,

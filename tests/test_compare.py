@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -297,17 +296,14 @@ def test_end_to_end_trains_then_skips_then_resumes(tmp_path, tiny_model_dir, sma
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_run_every_comparison_run(tmp_path, tiny_model_dir, small_data_dir):
+def test_two_cpu_processes_run_every_comparison_run(tmp_path, tiny_model_dir, small_data_dir, free_port):
     """Two CPU processes (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`): both runs train, one table.
 
     A bare `PartialState()` took each CPU process for the only one, and the first run's end destroyed the
     process group the second needed.
     """
     output_dir = tmp_path / "compare"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port),
                str(REPO_ROOT / "scripts" / "compare_objectives.py"), "--objectives", "ntp", "bico", "--seeds", "0",
                "--data_dir", str(small_data_dir), "--output_dir", str(output_dir), "--model_name_or_path", str(tiny_model_dir),
                "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--eval_max_new_tokens", "4"]

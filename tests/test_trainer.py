@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -367,11 +366,6 @@ def test_trl_sft_trainer_with_completion_only_loss(tmp_path, tiny_model_dir, dat
 # --------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 DRIVER = """
 import json, sys
@@ -395,7 +389,7 @@ with open(f"{output_dir}/modes_{trainer.args.process_index}.json", "w") as f:
 
 
 @pytest.mark.slow
-def test_two_processes_choose_the_objectives_of_one(tmp_path, tiny_model_dir, data_dir):
+def test_two_processes_choose_the_objectives_of_one(tmp_path, tiny_model_dir, data_dir, free_port):
     _, tokenizer = _load(tiny_model_dir)
     rows = str(tmp_path / "rows.json")
     Path(rows).write_text(json.dumps(_dataset(tokenizer, data_dir).to_dict()))
@@ -405,7 +399,7 @@ def test_two_processes_choose_the_objectives_of_one(tmp_path, tiny_model_dir, da
     subprocess.run([sys.executable, str(driver), str(tiny_model_dir), rows, str(tmp_path / "one"), "8"], env=env, check=True,
                    capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(_free_port())]
+              "--main_process_port", str(free_port)]
     completed = subprocess.run(launch + [str(driver), str(tiny_model_dir), rows, str(tmp_path / "two"), "4"], env=env,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]

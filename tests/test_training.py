@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -205,11 +204,6 @@ def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 DRIVER = """
 import gc, json, sys
@@ -234,7 +228,7 @@ with open(f"{config.output_dir}/objectives_{PartialState().process_index}.json",
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data_dir):
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_data_dir, free_port):
     options = dict(max_train_samples=64, max_steps=8, p_bico=0.5)
     single = train(_config(tmp_path, tiny_model_dir, small_data_dir, name="one", per_device_train_batch_size=8, **options))
 
@@ -243,7 +237,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     driver.write_text(DRIVER)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(_free_port()), str(driver), json.dumps(two.__dict__)]
+               "--main_process_port", str(free_port), str(driver), json.dumps(two.__dict__)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "2 process(es) x batch 4" in completed.stdout
