@@ -37,8 +37,9 @@ from .config import DEFAULT_MAX_STEPS, TrainConfig, load_yaml_config
 from .config import build_parser as build_train_parser
 from .data import DEFAULT_DATA_DIR, resolve_data_dir
 from .objectives import OBJECTIVES
+from .processes import end_processes, process_state
 from .report import aggregate, format_comparison, write_comparison
-from .training import end_processes, process_state, train
+from .training import train
 
 RESULTS_FILE = "results.json"  # written by `train` after the final evaluation: marks a finished run
 HISTORY_FILE = "eval_history.jsonl"  # evaluations during training, one JSON object per line

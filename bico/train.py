@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from .training import end_processes, parse_config, train
+from .processes import end_processes
+from .training import parse_config, train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,8 @@ at inference: the saved model is the plain causal model (LoRA adapters merged).
 `train(TrainConfig(...))` runs, in order: Accelerator, seed, data, model (+ peft LoRA +
 `patch_llama`), optimizer, scheduler, one `prepare()`, the loop, the final save and evaluation.
 The options live in `bico.config`, the objectives in `bico.objectives`, checkpoints in
-`bico.checkpoints`; `scripts/finetune_bico.py` and `bico-train` are the command line.
+`bico.checkpoints`, the Accelerator and the process group in `bico.processes`;
+`scripts/finetune_bico.py` and `bico-train` are the command line.
 
 Reproducibility: the data order is keyed on (seed, epoch), the objective on (seed, step) and each
 row's mask on (seed, epoch, row), so a run resumed from a checkpoint, or spread over more processes
@@ -27,9 +28,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState, skip_first_batches
+from accelerate import Accelerator, skip_first_batches
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
@@ -44,6 +45,7 @@ from .data import load_train
 from .objectives import OBJECTIVES, objective_mode, step_objective
 from .patch import patch_llama, unpatch_llama
 from .pretrained import is_gguf, resolve_model_path
+from .processes import check_sharding, cpu_threads, end_processes, make_accelerator
 
 
 __all__ = ["TrainConfig", "parse_config", "train", "save_final_model", "end_processes"]
@@ -165,65 +167,6 @@ def _tracker_config(config: TrainConfig) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _cpu_threads(requested: int | None) -> int:
-    """Threads for this process: `requested`, else OMP_NUM_THREADS unless it is 1, else cores / local processes.
-
-    `accelerate launch` without a config file exports OMP_NUM_THREADS=1, which leaves a one-process CPU
-    run on one core (measured: the default run takes 1.6x longer on 2 cores); a value above 1 was set
-    on purpose and is kept.
-    """
-    if requested is not None:
-        return requested
-    from_env = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if from_env > 1:
-        return from_env
-    import psutil
-
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def _check_sharding(accelerator: Accelerator) -> None:
-    """Warn when `accelerate launch` asked for FSDP or DeepSpeed and Accelerate runs something else.
-
-    Accelerate 1.15 uses neither on CPU (measured): with ACCELERATE_USE_CPU=1 it runs plain DDP over gloo
-    (MULTI_CPU), so every process holds the whole model and optimizer state, and checkpoints are not sharded.
-    """
-    for flag, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
-        if os.environ.get(flag, "false").lower() == "true" and accelerator.distributed_type != kind:
-            logger.warning(
-                f"`accelerate launch` asked for {kind.value} but Accelerate runs {accelerator.distributed_type.value} "
-                "(it uses neither FSDP nor DeepSpeed on CPU): nothing is sharded."
-            )
-
-
-
-def _accelerator(config: TrainConfig) -> Accelerator:
-    output_dir = Path(config.output_dir)
-    return Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # The shuffling order of epoch e comes from seed + e, the same on every process and after a resume.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-    )
-
-
-def process_state() -> PartialState:
-    """Accelerate's process state, set up as `Accelerator()` sets it up (it honours `ACCELERATE_USE_CPU=1`).
-
-    A bare `PartialState()` before the first `Accelerator` ignores `ACCELERATE_USE_CPU`: on a CPU launch of
-    several processes each would then take itself for the only one.
-    """
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-
-
-def end_processes() -> None:
-    """Destroy the process group of a multi-process launch, after the last `train` of the process."""
-    process_state().destroy_process_group()
-
-
 def _start_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
     """Refuse another run's checkpoints, drop half-written ones, record the config."""
     output_dir = Path(config.output_dir)
@@ -286,11 +229,11 @@ def train(config: TrainConfig) -> dict:
     Several runs can follow one another in a process: the process group of a multi-process launch stays
     up, and `end_processes()` ends it after the last.
     """
-    accelerator = _accelerator(config)
-    _check_sharding(accelerator)
+    accelerator = make_accelerator(config)
+    check_sharding(accelerator)
     set_seed(config.seed)
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(config.cpu_threads))
+        torch.set_num_threads(cpu_threads(config.cpu_threads))
     output_dir = _start_output_dir(config, accelerator)
 
     # Data and model

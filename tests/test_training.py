@@ -279,24 +279,6 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_
     assert _max_difference(_weights(killed), _weights(tmp_path / "whole")) == 0.0
 
 
-def test_cpu_threads_undoes_accelerates_single_thread_default(monkeypatch):
-    import psutil
-
-    from bico.training import _cpu_threads
-
-    cores = psutil.cpu_count(logical=False) or os.cpu_count()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports by default
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert _cpu_threads(None) == cores
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
-    assert _cpu_threads(None) == 1  # never below one thread
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set on purpose: kept
-    assert _cpu_threads(None) == 3
-    assert _cpu_threads(5) == 5  # --cpu_threads wins
-    with pytest.raises(ValueError, match="`cpu_threads` must be positive"):
-        TrainConfig(cpu_threads=0)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("objective, precision", [("bico", ["launcher", "bf16"]), ("abi", ["script", "bf16"]),
                                                   ("bico", ["script", "fp16"]), ("bico", ["weights", "bfloat16"])])
