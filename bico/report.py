@@ -19,8 +19,10 @@ SUMMARY_METRICS = ("exact_match", "contains", "bleu_word", "bleu_char", "target_
                    "target_beats_random", "rank_accuracy", "rank_chance")
 PLOT_TASKS = ("n2d-reverse", "d2n-reverse")
 PLOT_METRICS = {"exact_match": "exact match", "rank_accuracy": "candidate-ranking accuracy"}
-# Fixed colours, so an objective looks the same in every panel and every plot.
+# Fixed colours, so an objective looks the same in every panel and every plot; variants such as
+# bico:mask_prob=0.3 take the spare ones (gray is the chance line's) in order of appearance.
 OBJECTIVE_COLORS = {"ntp": "tab:blue", "bico": "tab:orange", "abi": "tab:green", "reverse": "tab:red"}
+SPARE_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 # --------------------------------------------------------------------------------------------------
 # Aggregation over seeds
@@ -179,11 +181,20 @@ def format_ablation(summary: dict, columns: Sequence[tuple[str, str, str]] = ABL
     return "\n\n".join(blocks)
 
 
+def objective_colors(summary: dict) -> dict[str, str]:
+    """A colour per objective of `summary`, the same in every data set's panels."""
+    objectives = dict.fromkeys(objective for entries in summary.values() for objective in entries)
+    variants = [objective for objective in objectives if objective not in OBJECTIVE_COLORS]
+    spare = {objective: SPARE_COLORS[i % len(SPARE_COLORS)] for i, objective in enumerate(variants)}
+    return {objective: OBJECTIVE_COLORS.get(objective) or spare[objective] for objective in objectives}
+
+
 def plot_comparison(summary: dict, path: str | os.PathLike | None = None, tasks: Sequence[str] = PLOT_TASKS):
     """Plot the reverse tasks' metrics against training steps: one line per objective, mean over seeds.
 
-    One row of panels per (data set, metric in `PLOT_METRICS`), one column per task. The band is
-    mean ± std over seeds (none for one seed); the ranking panels show the chance rate as a dashed line.
+    One row of panels per (data set, metric in `PLOT_METRICS`), one column per task that some run
+    evaluated. The band is mean ± std over seeds (none for one seed); the ranking panels show the
+    chance rate as a dashed line.
 
     Args:
         summary (`dict`): `aggregate`'s output.
@@ -197,6 +208,9 @@ def plot_comparison(summary: dict, path: str | os.PathLike | None = None, tasks:
         Figure,  # no pyplot: no global figure state, no GUI backend
     )
 
+    evaluated = [task for task in tasks if any(task in entry["curves"] for entries in summary.values() for entry in entries.values())]
+    tasks = evaluated or list(tasks)
+    colors = objective_colors(summary)
     rows = [(dataset, metric) for dataset in summary for metric in PLOT_METRICS]
     fig = Figure(figsize=(5.5 * len(tasks), 3.4 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), len(tasks), squeeze=False)
@@ -207,7 +221,7 @@ def plot_comparison(summary: dict, path: str | os.PathLike | None = None, tasks:
                 curve = entry["curves"].get(task, {}).get(metric)
                 if curve is None:
                     continue
-                color = OBJECTIVE_COLORS.get(objective)
+                color = colors[objective]
                 n = max(curve["n"])
                 ax.plot(curve["steps"], curve["mean"], marker="o", markersize=3, color=color, label=f"{objective} (n={n})")
                 if any(std is not None for std in curve["std"]):

@@ -213,6 +213,22 @@ def test_plot_has_a_line_per_objective_and_the_chance_rate(fake_runs, tmp_path):
     assert len(rank_ax.collections) == 2  # one shaded band per objective
 
 
+def test_plot_drops_tasks_no_run_evaluated_and_tells_variants_apart(fake_runs):
+    from matplotlib.colors import to_hex
+
+    runs = [dict(run) for run in fake_runs]
+    runs[3]["objective"] = "bico:mask_prob=0.3"  # bico's seed 1 read back as a variant of its own
+    summary = aggregate(runs)
+    for entry in summary["small"].values():  # as with eval_tasks n2d,n2d-reverse: no d2n-reverse anywhere
+        entry["curves"].pop("d2n-reverse")
+    fig = plot_comparison(summary)
+    assert [ax.get_title() for ax in fig.axes] == ["small: n2d-reverse"] * 2
+    lines = {line.get_label(): to_hex(line.get_color()) for line in fig.axes[0].get_lines()}
+    assert list(lines) == ["ntp (n=2)", "bico (n=1)", "bico:mask_prob=0.3 (n=1)"]
+    assert lines["ntp (n=2)"] == to_hex("tab:blue") and lines["bico (n=1)"] == to_hex("tab:orange")
+    assert len(set(lines.values())) == 3
+
+
 def test_status_and_config_mismatch(tmp_path):
     run_dir = _fake_run(tmp_path, None, "bico", 0, 0.1, 0.2)
     assert run_status(run_dir) == "finished"
