@@ -86,7 +86,8 @@ class TrainConfig:
     report_to: str | None = field(default=None, metadata={"help": "tracker for accelerator.init_trackers, e.g. tensorboard"})
     logging_steps: int = field(default=10, metadata={"help": "log loss and learning rate to the tracker every N steps"})
     eval_tasks: str = field(default="all", metadata={"help": "tasks evaluated after training (comma-separated, all, or none)"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate eval_every_tasks every N steps during training; 0 = never"})
+    eval_every: int = field(default=0, metadata={
+        "help": "evaluate eval_every_tasks every N steps during training (at the last step only those not in eval_tasks); 0 = never"})
     eval_every_tasks: str = field(default=REVERSE_TASKS, metadata={"help": "tasks of the evaluations during training"})
     eval_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
     eval_max_new_tokens: int = field(default=40, metadata={"help": "greedy decoding length"})

@@ -316,7 +316,11 @@ def train(config: TrainConfig) -> dict:
                     step=global_step,
                 )
             if config.eval_every and global_step % config.eval_every == 0:
-                eval_history.append(_evaluate_during_training(model, tokenizer, config, accelerator, global_step, history_file))
+                tasks = config.eval_every_task_list()
+                if global_step == total_steps:  # the final evaluation follows; only what it leaves out
+                    tasks = [task for task in tasks if task not in config.eval_task_list()]
+                if tasks:
+                    eval_history.append(_evaluate_during_training(model, tokenizer, tasks, config, accelerator, global_step, history_file))
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 progress = progress_state(config, global_step, epoch, batches_done)
                 save_checkpoint(accelerator, output_dir, progress, config.checkpoints_total_limit)
@@ -349,8 +353,9 @@ def train(config: TrainConfig) -> dict:
     }
 
 
-def _evaluate_during_training(model, tokenizer, config: TrainConfig, accelerator: Accelerator, step: int, history_file: Path) -> dict:
-    results, _ = _evaluate(model, tokenizer, config.eval_every_task_list(), config, accelerator, False)
+def _evaluate_during_training(model, tokenizer, tasks: list[str], config: TrainConfig, accelerator: Accelerator, step: int,
+                              history_file: Path) -> dict:
+    results, _ = _evaluate(model, tokenizer, tasks, config, accelerator, False)
     record = {"step": step, "objective": config.objective, "tasks": results["tasks"]}
     if accelerator.is_main_process:
         with open(history_file, "a", encoding="utf-8") as f:

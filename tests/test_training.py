@@ -99,7 +99,7 @@ def test_bad_options_name_the_field(tmp_path):
 
 def test_train_mixes_objectives_learns_and_saves(tmp_path, tiny_model_dir, small_data_dir):
     config = _config(tmp_path, tiny_model_dir, small_data_dir, max_steps=30, max_train_samples=None,
-                     eval_tasks="n2d-reverse", eval_every=15, eval_every_tasks="n2d-reverse", report_to="tensorboard")
+                     eval_tasks="n2d-reverse", eval_every=15, eval_every_tasks="n2d-reverse,d2n-reverse", report_to="tensorboard")
     result = train(config)
     assert result["global_step"] == 30
     assert [step for step, _ in result["objectives"]] == list(range(30))
@@ -111,7 +111,9 @@ def test_train_mixes_objectives_learns_and_saves(tmp_path, tiny_model_dir, small
     assert final.config.bico_objective == "bico"
     assert final.config._attn_implementation != "bico_fused"  # saved unpatched: the plain causal model
     assert (run / "final" / "tokenizer.json").is_file()
-    assert [record["step"] for record in result["eval_history"]] == [15, 30]
+    # At the last step only what the final evaluation leaves out: it evaluates n2d-reverse itself.
+    assert [(record["step"], sorted(record["tasks"])) for record in result["eval_history"]] == [
+        (15, ["d2n-reverse", "n2d-reverse"]), (30, ["d2n-reverse"])]
     assert len((run / "eval_history.jsonl").read_text().splitlines()) == 2
     results = json.loads((run / "results.json").read_text())
     assert results["tasks"]["n2d-reverse"]["count"] == 24 and results["model"] == str(run / "final")
