@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from .abi import AbiExample, AbiTokens, abi_attention_mask, abi_token_ids, build_abi_example, collate_abi_examples
 from .compat import CACHE_KWARG, output_cache
-from .evaluation import MAX_PAIRS, score_continuations
+from .decoding import MAX_PAIRS, model_device, pad_token_id, score_continuations
 from .patch import bidirectional, is_patched, patch_llama, unpatch_llama
 
 
@@ -70,14 +70,6 @@ def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
             unpatch_llama(model)
 
 
-def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _uses_cache(model: torch.nn.Module, use_cache: bool | None) -> bool:
     # As `model.generate` does, an unset `use_cache` follows the model's generation config.
     if use_cache is not None:
@@ -110,13 +102,13 @@ def _prefill(
 ) -> _Prefix:
     """Run Part A + `[START]` of each prompt once, in the training layout, inside `bidirectional(model)`."""
     examples = [_infill_example(tokenizer, prompt, [], tokens, add_eos) for prompt in prompts]
-    batch = collate_abi_examples(examples, _pad_token_id(tokenizer), "llama")
+    batch = collate_abi_examples(examples, pad_token_id(tokenizer), "llama")
     batch.pop("labels")
     B, W = batch["input_ids"].shape
     starts = torch.tensor([example.part_a_length for example in examples])  # (B,) the `[START]` column
     # The lm_head runs only on the columns that hold a `[START]` (rows differ in Part A length).
     columns, row_column = torch.unique(starts, return_inverse=True)  # (K,), (B,)
-    device = _device(model)
+    device = model_device(model)
     with bidirectional(model):
         inputs = {key: value.to(device) for key, value in batch.items()}
         out = model(**inputs, use_cache=True, logits_to_keep=columns.to(device))
@@ -159,9 +151,9 @@ def _greedy_reference(
 ) -> torch.Tensor:
     """The same as `_prefill` + `_greedy_from_prefix`, re-running the whole sequence per token: (B, T) long."""
     parts = [_infill_example(tokenizer, prompt, [], tokens, add_eos) for prompt in prompts]
-    device = _device(model)
+    device = model_device(model)
     B, width = len(parts), max(part.part_a_length for part in parts)  # Part B starts at column `width` in every row
-    part_a = torch.full((B, width), _pad_token_id(tokenizer), dtype=torch.long)  # (B, La)
+    part_a = torch.full((B, width), pad_token_id(tokenizer), dtype=torch.long)  # (B, La)
     for row, part in enumerate(parts):
         part_a[row, : part.part_a_length] = torch.tensor(part.input_ids[: part.part_a_length])
     a_lengths = torch.tensor([part.part_a_length for part in parts])  # (B,)
@@ -290,10 +282,10 @@ def _score_reference(
 ) -> torch.Tensor:
     """The same scores from one full training-layout forward per (prompt, completion) pair: (N,) in `_score_dtype`."""
     examples = [_infill_example(tokenizer, p, ids, tokens, add_eos) for p, ids in zip(prompts, completion_ids)]
-    device = _device(model)
+    device = model_device(model)
     scores = []
     for first in range(0, len(examples), batch_size):
-        batch = collate_abi_examples(examples[first : first + batch_size], _pad_token_id(tokenizer), "llama")
+        batch = collate_abi_examples(examples[first : first + batch_size], pad_token_id(tokenizer), "llama")
         labels = batch.pop("labels")[:, 1:]  # (B, L - 1): the target of each output but the last
         with bidirectional(model):
             logits = model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False).logits

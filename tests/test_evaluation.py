@@ -9,15 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 import bico
 from bico.data import TASKS, DataError
 from bico.scratch import small_llama_config
-from bico.evaluation import (
-    METRICS,
-    evaluate,
-    format_table,
-    generate_answers,
-    score_answers,
-    write_predictions,
-    write_results,
-)
+from bico.decoding import generate_answers, score_answers
+from bico.evaluation import METRICS, evaluate, format_table, write_predictions, write_results
 
 
 ROWS_PER_FILE = 40  # 4 people x 10 templates in the committed data
