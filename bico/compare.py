@@ -50,10 +50,11 @@ DEFAULT_OUTPUT_DIR = "runs/compare"
 # The comparison sets these per run; as overrides they would make every run the same.
 PER_RUN_FIELDS = ("objective", "seed", "data_dir", "output_dir", "resume_from_checkpoint")
 # Options that change neither the trained weights nor the numbers of a task that was evaluated: a run
-# made with other values of these is the same experiment (e.g. resumed with fewer threads, or without
-# the slow `both` task).
+# made with other values of these is the same experiment (e.g. resumed with fewer threads, without
+# the slow `both` task, or with evaluations during training: every draw is keyed on seed, step and row).
 NON_RESULT_FIELDS = ("output_dir", "resume_from_checkpoint", "report_to", "logging_steps", "checkpointing_steps",
-                     "checkpoints_total_limit", "eval_batch_size", "cpu_threads", "eval_tasks")
+                     "checkpoints_total_limit", "eval_batch_size", "cpu_threads", "eval_tasks", "eval_every",
+                     "eval_every_tasks")
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 EVALS_PER_RUN = 10  # default `eval_every` = max_steps / EVALS_PER_RUN
 # The options that make a variant of an objective ("bico:mask_prob=0.3"), per objective, in label order.

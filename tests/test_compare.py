@@ -235,6 +235,7 @@ def test_status_and_config_mismatch(tmp_path):
     same = TrainConfig(**{**yaml.safe_load((run_dir / "train_config.yaml").read_text()), "report_to": "tensorboard"})
     check_same_run(same, run_dir)  # logging options do not matter
     check_same_run(TrainConfig(**{**asdict(same), "cpu_threads": 1, "eval_tasks": "n2d-reverse"}), run_dir)  # nor threads or tasks
+    check_same_run(TrainConfig(**{**asdict(same), "eval_every": 0, "eval_every_tasks": "n2d-reverse"}), run_dir)  # nor curves
     assert same.data_dir is None
     check_same_run(TrainConfig(**{**asdict(same), "data_dir": str(DEFAULT_DATA_DIR)}), run_dir)  # the default set, named
     with pytest.raises(ValueError, match="data_dir: "):

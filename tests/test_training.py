@@ -157,6 +157,18 @@ def test_lora_adapters_are_merged(tmp_path, tiny_model_dir, small_data_dir):
     assert changed and all(("q_proj" in key or "v_proj" in key) for key in changed)
 
 
+@pytest.mark.parametrize("objective", ["bico", "abi"])
+def test_evaluations_during_training_leave_the_weights_alone(tmp_path, tiny_model_dir, small_data_dir, objective):
+    """What lets a comparison treat `eval_every` as a non-result option (bico.compare.NON_RESULT_FIELDS)."""
+    plain = train(_config(tmp_path, tiny_model_dir, small_data_dir, name="plain", objective=objective, max_steps=6))
+    watched = train(_config(tmp_path, tiny_model_dir, small_data_dir, name="watched", objective=objective, max_steps=6,
+                            eval_every=2, eval_every_tasks="n2d-reverse"))
+    assert [record["step"] for record in watched["eval_history"]] == [2, 4, 6]
+    assert watched["objectives"] == plain["objectives"] and watched["losses"] == plain["losses"]
+    plain_weights, watched_weights = _weights(tmp_path / "plain"), _weights(tmp_path / "watched")
+    assert all(torch.equal(plain_weights[key], watched_weights[key]) for key in plain_weights)
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, small_data_dir):
     # 60 rows / batch 8 = 8 micro-batches per epoch (the last one short), accumulation 2: the checkpoint
     # at step 6 sits in the middle of the second epoch.
