@@ -205,7 +205,6 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     assert result.stdout == ""
 
 
-
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(capsys, tiny_model_dir, subset_dir, tmp_path, free_port):
     common = ["--task", "all", "--model", str(tiny_model_dir), "--data-dir", str(subset_dir), "--batch-size", "8", "--max-new-tokens", "6"]

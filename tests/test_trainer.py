@@ -366,7 +366,6 @@ def test_trl_sft_trainer_with_completion_only_loss(tmp_path, tiny_model_dir, dat
 # --------------------------------------------------------------------------------------------------
 
 
-
 DRIVER = """
 import json, sys
 import datasets

@@ -218,12 +218,12 @@ def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-
 DRIVER = """
 import gc, json, sys
 import torch
 from accelerate import PartialState
-from bico.training import TrainConfig, end_processes, train
+from bico.processes import end_processes
+from bico.training import TrainConfig, train
 
 # A DDP wrapper still alive when the group is destroyed frees its reducer later, in gloo's destructor,
 # which can deadlock; record, per call, any that is.
