@@ -193,7 +193,8 @@ def plot_comparison(summary: dict, path: str | os.PathLike | None = None, tasks:
     """Plot the reverse tasks' metrics against training steps: one line per objective, mean over seeds.
 
     One row of panels per (data set, metric in `PLOT_METRICS`), one column per task that some run
-    evaluated. The band is mean ± std over seeds (none for one seed); the ranking panels show the
+    evaluated. The band is mean ± std over seeds (none for one seed); the legend gives the number of
+    seeds, as a range where some seeds were not evaluated at every step; the ranking panels show the
     chance rate as a dashed line.
 
     Args:
@@ -222,7 +223,9 @@ def plot_comparison(summary: dict, path: str | os.PathLike | None = None, tasks:
                 if curve is None:
                     continue
                 color = colors[objective]
-                n = max(curve["n"])
+                # Seeds evaluated at different steps make n vary along the line; the label says so.
+                low_n, high_n = min(curve["n"]), max(curve["n"])
+                n = low_n if low_n == high_n else f"{low_n}-{high_n}"
                 ax.plot(curve["steps"], curve["mean"], marker="o", markersize=3, color=color, label=f"{objective} (n={n})")
                 if any(std is not None for std in curve["std"]):
                     low = [m - (s or 0.0) for m, s in zip(curve["mean"], curve["std"])]

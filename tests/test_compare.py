@@ -229,6 +229,16 @@ def test_plot_drops_tasks_no_run_evaluated_and_tells_variants_apart(fake_runs):
     assert len(set(lines.values())) == 3
 
 
+def test_plot_legend_gives_the_seed_range_when_seeds_were_evaluated_at_different_steps(fake_runs):
+    runs = [dict(run) for run in fake_runs]
+    bico_seed0 = next(run for run in runs if run["objective"] == "bico" and run["seed"] == 0)
+    bico_seed0["history"] = []  # evaluated only at the end, like a run without --eval_every
+    summary = aggregate(runs)
+    assert summary["small"]["bico"]["curves"]["n2d-reverse"]["rank_accuracy"]["n"] == [1, 2]
+    labels = [line.get_label() for line in plot_comparison(summary).axes[0].get_lines()]
+    assert labels == ["ntp (n=2)", "bico (n=1-2)"]
+
+
 def test_status_and_config_mismatch(tmp_path):
     run_dir = _fake_run(tmp_path, None, "bico", 0, 0.1, 0.2)
     assert run_status(run_dir) == "finished"
