@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +28,11 @@ from datasets import Dataset
 DEFAULT_DATA_DIR = Path(str(importlib.resources.files("bico") / "dataset"))
 TRAIN_FILE = "all_prompts_train.jsonl"
 REQUIRED_FIELDS = ("prompt", "completion")
+# The JSON type each required field must have, for `read_numbered_jsonl`.
+REQUIRED_TYPES = dict.fromkeys(REQUIRED_FIELDS, str)
+_JSON_TYPE_NAMES = {
+    str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "an object"
+}
 
 
 class DataError(ValueError):
@@ -133,11 +138,29 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         line that is not valid JSON or not an object, or lacks `prompt`/`completion`, or has one
         that is not a string.
     """
-    return [row for _, row in _read_numbered(Path(path))]
+    return [row for _, row in read_numbered_jsonl(path)]
 
 
-def _read_numbered(path: Path) -> list[tuple[int, dict]]:
-    # (line number, row) pairs, so later checks can name the line of a row.
+def read_numbered_jsonl(path: str | os.PathLike, fields: Mapping[str, type] = REQUIRED_TYPES) -> list[tuple[int, dict]]:
+    """Read a JSONL file of objects that have `fields`, keeping each row's line number.
+
+    The generic part of `read_jsonl`, for other row layouts (e.g. `bico.axioms`). Blank lines are
+    skipped; extra fields are kept.
+
+    Args:
+        path (`str` or `os.PathLike`): The file.
+        fields (`Mapping[str, type]`, *optional*, defaults to `{"prompt": str, "completion": str}`):
+            Each required field and the JSON type its value must have exactly: `str`, `int`, `float`,
+            `bool`, `list` or `dict` (so `true` is not an `int`).
+
+    Returns:
+        `list[tuple[int, dict]]`: (line number, row) for each non-blank line, so later checks can
+        name the line of a row.
+
+    Raises:
+        `DataError`: as `read_jsonl`, for the given `fields`.
+    """
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found.")
     rows = []
@@ -155,20 +178,28 @@ def _read_numbered(path: Path) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno}).") from None
             if not isinstance(row, dict):
                 raise DataError(
-                    f"{path}:{line_number}: expected a JSON object with `prompt` and `completion`, "
+                    f"{path}:{line_number}: expected a JSON object with {_name_fields(fields)}, "
                     f"got {type(row).__name__}."
                 )
-            for field in REQUIRED_FIELDS:
+            for field, expected in fields.items():
                 if field not in row:
                     raise DataError(f"{path}:{line_number}: missing field `{field}`.")
-                if not isinstance(row[field], str):
+                # json.loads builds exact built-in types, so `is` rejects a bool where an int is due.
+                if type(row[field]) is not expected:
                     raise DataError(
-                        f"{path}:{line_number}: field `{field}` must be a string, got {type(row[field]).__name__}."
+                        f"{path}:{line_number}: field `{field}` must be {_JSON_TYPE_NAMES[expected]}, "
+                        f"got {type(row[field]).__name__}."
                     )
             rows.append((line_number, row))
     if not rows:
-        raise DataError(f"{path}:1: empty file; expected JSONL rows with `prompt` and `completion`.")
+        raise DataError(f"{path}:1: empty file; expected JSONL rows with {_name_fields(fields)}.")
     return rows
+
+
+def _name_fields(fields: Iterable[str]) -> str:
+    """`["prompt", "completion"]` -> "`prompt` and `completion`"; three or more get commas before the "and"."""
+    names = [f"`{field}`" for field in fields]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _to_dataset(rows: list[dict], columns: Iterable[str] = REQUIRED_FIELDS) -> Dataset:
@@ -216,7 +247,7 @@ def load_task(task: str | Task, data_dir: str | os.PathLike | None = None) -> Da
     columns = list(REQUIRED_FIELDS)
     if task.randomized_file is not None and (data_dir / task.randomized_file).is_file():
         randomized_path = data_dir / task.randomized_file
-        randomized = _read_numbered(randomized_path)
+        randomized = read_numbered_jsonl(randomized_path)
         if len(randomized) != len(rows):
             raise DataError(
                 f"{randomized_path}: {len(randomized)} rows but {task.file} has {len(rows)}; "

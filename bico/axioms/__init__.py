@@ -1,0 +1,36 @@
+"""Axiomatic training of causal transitivity (Vashishtha et al., arXiv 2407.07612; DESIGN.md section 9).
+
+A transformer trained from scratch on symbolic demonstrations of one axiom, "if A causes B and B
+causes C, then A causes C", answers `Does A cause C?` with Yes or No on graphs unlike its training
+chains: longer chains, longer names, reversed or shuffled sentences, branching DAGs. This subpackage
+generates the training mixes and evaluation sets (`generator`, `graphs`) and the fixed character-level
+tokenizer (`tokenizer`); docs/axioms.md describes both.
+"""
+
+from .generator import (
+    EVAL_SETS,
+    TRAIN_MIXES,
+    assert_disjoint,
+    generate_eval,
+    generate_train,
+    instance_text,
+    read_jsonl,
+    write_jsonl,
+)
+from .tokenizer import ANSWERS, answer_ids, build_tokenizer, encode
+
+
+__all__ = [
+    "TRAIN_MIXES",
+    "EVAL_SETS",
+    "generate_train",
+    "generate_eval",
+    "instance_text",
+    "assert_disjoint",
+    "write_jsonl",
+    "read_jsonl",
+    "ANSWERS",
+    "build_tokenizer",
+    "answer_ids",
+    "encode",
+]
