@@ -13,7 +13,8 @@ What differs from a masked-LM collator (e.g. `transformers.DataCollatorForLangua
       "output i predicts masked token i + 1", so position 0 is never masked (nothing predicts it).
 
 Which tokens are masked is the schedule's choice (`bico.masking`: the paper's fixed rate, a uniform
-rate per row as in MLM-U, or whole-word spans); its names are importable from here too.
+rate per row as in MLM-U, or whole-word spans), optionally with whole entities on top
+(`entity_mask_prob`, `bico.entities`); the masking names are importable from here too.
 
 Collators take a list of examples `{"input_ids": list[int], ...}` (see `encode_rows`) and return
 padded tensors. They use no Accelerate and no model, so they fit any training loop.
@@ -74,6 +75,12 @@ def encode_rows(
             ids = ids[:max_length]
         examples.append({"input_ids": ids, "index": index, "prompt": prompts[index], "completion": completions[index]})
     return examples, truncated
+
+
+def row_text(example: dict) -> str | None:
+    """The text of an `encode_rows` example, `prompt + completion`; None when it carries no such strings."""
+    prompt, completion = example.get("prompt"), example.get("completion")
+    return prompt + completion if isinstance(prompt, str) and isinstance(completion, str) else None
 
 
 def row_seed(seed: int, epoch: int, index: int) -> int:
@@ -215,6 +222,12 @@ class BicoCollator:
             (a rate per row from U(`mask_min`, `mask_max`), MLM-U) or `"span"` (whole words in runs).
         mask_min (`float`, *optional*, defaults to 0.0), mask_max (`float`, *optional*, defaults to 1.0):
             The range of the `"uniform"` rate.
+        entity_mask_prob (`float`, *optional*, defaults to 0.0): Probability of masking each entity of a
+            row whole, on top of the schedule's mask (`bico.masking.mask_placeholders`); 0 keeps the
+            schedule's masks bit for bit. Entities (`bico.entities`) are found in an example's
+            `prompt + completion` when it has them, else in its decoded tokens; needs a fast tokenizer.
+        entity_names (`Iterable[str]`, *optional*): Names that are entities wherever they occur, e.g.
+            `bico.reverse.collect_names(train["completion"])`; capitalised runs are entities anyway.
 
     Calling it on a list of examples `{"input_ids": list[int]}` returns a dict of (B, L) LongTensors
     `input_ids`, `attention_mask`, `labels`. Run the forward inside `bico.bidirectional(model)`.
@@ -237,9 +250,16 @@ class BicoCollator:
         schedule: str = "fixed",
         mask_min: float = 0.0,
         mask_max: float = 1.0,
+        entity_mask_prob: float = 0.0,
+        entity_names: Iterable[str] = (),
     ):
-        check_schedule(schedule, mask_prob, mask_min, mask_max)
+        check_schedule(schedule, mask_prob, mask_min, mask_max, entity_mask_prob)
         self.mask_prob, self.schedule, self.mask_min, self.mask_max = mask_prob, schedule, mask_min, mask_max
+        self.entity_mask_prob, self.entities = entity_mask_prob, None
+        if entity_mask_prob > 0:
+            from .entities import EntityFinder  # here: bico.entities imports bico.reverse, which imports this module
+
+            self.entities = EntityFinder(tokenizer, entity_names)
         self.pad_token_id = _pad_token_id(tokenizer)
         self.placeholder_id = default_placeholder_id(tokenizer) if placeholder_id is None else placeholder_id
         if not 0 <= self.placeholder_id < len(tokenizer):
@@ -258,7 +278,8 @@ class BicoCollator:
             torch.Generator().manual_seed(example["seed"]) if "seed" in example else self.generator
             for example in examples
         ]
-        return self.mask_batch(input_ids, attention_mask, _example_labels(examples, input_ids.shape[1]), generators)
+        texts = [row_text(example) for example in examples]
+        return self.mask_batch(input_ids, attention_mask, _example_labels(examples, input_ids.shape[1]), generators, texts)
 
     def mask_batch(
         self,
@@ -266,6 +287,7 @@ class BicoCollator:
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
         generators: Sequence[torch.Generator] | None = None,
+        texts: Sequence[str | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Mask an already padded batch (either padding side), e.g. one a `transformers` collator made.
 
@@ -275,6 +297,8 @@ class BicoCollator:
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): Its labels; a token labelled -100 is
                 never masked.
             generators (`Sequence[torch.Generator]`, *optional*): One per row; the collator's own by default.
+            texts (`Sequence[str | None]`, *optional*): Each row's text, where its entities are found; None
+                decodes the row (see `bico.entities`). Used only with `entity_mask_prob` > 0.
 
         Returns:
             `dict[str, torch.Tensor]`: `input_ids`, `attention_mask`, `labels`, each (B, L) (see `mask_placeholders`).
@@ -284,7 +308,9 @@ class BicoCollator:
         if self.schedule == "span":
             word_starts = find_word_starts(input_ids, self.tokenizer, self.word_table, self.special_ids)
         generators = [self.generator] * len(input_ids) if generators is None else generators
+        entities = None if self.entities is None else self.entities.batch_positions(input_ids, attention_mask, texts)
         return mask_placeholders(
             input_ids, attention_mask, maskable, self.placeholder_id, self.mask_prob, generators,
             schedule=self.schedule, mask_min=self.mask_min, mask_max=self.mask_max, word_starts=word_starts,
+            entity_mask_prob=self.entity_mask_prob, entities=entities,
         )

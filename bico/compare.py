@@ -60,9 +60,10 @@ EVALS_PER_RUN = 10  # default `eval_every` = max_steps / EVALS_PER_RUN
 # The options that make a variant of an objective ("bico:mask_prob=0.3"), per objective, in label order.
 VARIANT_FIELDS = {
     "ntp": (),
-    "bico": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max"),
+    "bico": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob"),
     "abi": ("p_bico",),
     "reverse": ("p_bico",),
+    "demask": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob"),
 }
 
 
@@ -363,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # `--seed 1` must not silently mean `--seeds 1`
     )
     parser.add_argument("--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES),
-                        help=f"any of {', '.join(OBJECTIVES)}, or a variant such as bico:mask_prob=0.3 or "
-                        "bico:mask_schedule=uniform (default: %(default)s)")
+                        help=f"any of {', '.join(OBJECTIVES)}, or a variant such as bico:mask_prob=0.3, "
+                        "bico:mask_schedule=uniform or demask:mask_prob=0.5,entity_mask_prob=0.5 (default: %(default)s)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per objective and seed (default: 0)")
     parser.add_argument("--data_dir", nargs="+", default=[None], help="one or more name-description directories (default: data/)")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="runs and comparison files (default: %(default)s)")

@@ -2,7 +2,8 @@
 
 `scripts/finetune_bico.py` and `bico-train` build a `TrainConfig` with `parse_config`: the defaults,
 then `--config file.yaml`, then the flags given on the command line. Every value is checked when the
-config is built, so a bad option fails before any model is loaded.
+config is built, so a bad option fails before any model is loaded. The command line and YAML helpers
+take any such dataclass (`config_class`); `bico.axioms.training.AxiomConfig` uses them too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from transformers import SchedulerType
 
 from .data import TRAIN_FILE, resolve_tasks
+from .demask import DEFAULT_MARKER, DEFAULT_SEPARATOR
 from .masking import SCHEDULES, check_schedule
 from .objectives import OBJECTIVES
 
@@ -51,11 +53,16 @@ class TrainConfig:
     # Objective
     objective: str = field(default="bico", metadata={"help": f"{', '.join(OBJECTIVES)}; any but ntp is mixed with NTP by p_bico"})
     p_bico: float = field(default=0.5, metadata={"help": "probability that a step uses `objective` rather than NTP"})
-    mask_prob: float = field(default=0.15, metadata={"help": "BICO: masking rate of the fixed and span schedules"})
-    mask_schedule: str = field(default="fixed", metadata={"help": f"BICO: {', '.join(SCHEDULES)} (bico.masking)"})
-    mask_min: float = field(default=0.0, metadata={"help": "BICO uniform schedule: lowest per-row rate"})
-    mask_max: float = field(default=1.0, metadata={"help": "BICO uniform schedule: highest per-row rate"})
+    mask_prob: float = field(default=0.15, metadata={"help": "BICO, demask: masking rate of the fixed and span schedules"})
+    mask_schedule: str = field(default="fixed", metadata={"help": f"BICO, demask: {', '.join(SCHEDULES)} (bico.masking)"})
+    mask_min: float = field(default=0.0, metadata={"help": "BICO, demask uniform schedule: lowest per-row rate"})
+    mask_max: float = field(default=1.0, metadata={"help": "BICO, demask uniform schedule: highest per-row rate"})
     placeholder_id: int | None = field(default=None, metadata={"help": "BICO: id written over masked tokens; None = pad, else unk, else eos"})
+    entity_mask_prob: float = field(default=0.0, metadata={
+        "help": "BICO, demask: also mask each entity (capitalised run, answer name) whole with this probability (bico.entities); 0 = off"})
+    demask_marker: str = field(default=DEFAULT_MARKER, metadata={"help": "demask: visible text of one existing token written over masked tokens"})
+    demask_separator: str = field(default=DEFAULT_SEPARATOR, metadata={
+        "help": "demask: text between the masked copy and the row, existing tokens (a newline by default; set control characters in YAML)"})
 
     # Optimisation
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (1e-3 suits the scratch model; ~2e-5 a pre-trained Llama)"})
@@ -93,14 +100,17 @@ class TrainConfig:
     eval_max_new_tokens: int = field(default=40, metadata={"help": "greedy decoding length"})
 
     def __post_init__(self):
-        _check_choice("objective", self.objective, list(OBJECTIVES))
-        _check_choice("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType])
-        _check_choice("model_dtype", self.model_dtype, DTYPE_CHOICES)
+        check_choice("objective", self.objective, list(OBJECTIVES))
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType])
+        check_choice("model_dtype", self.model_dtype, DTYPE_CHOICES)
         if self.mixed_precision is not None:
-            _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
+            check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_CHOICES)
         if not 0.0 <= self.p_bico <= 1.0:
             raise ValueError(f"`p_bico` must be in [0, 1], got {self.p_bico}.")
-        check_schedule(self.mask_schedule, self.mask_prob, self.mask_min, self.mask_max)
+        check_schedule(self.mask_schedule, self.mask_prob, self.mask_min, self.mask_max, self.entity_mask_prob)
+        for name in ("demask_marker", "demask_separator"):  # the tokenizer checks the rest when the collator is built
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"`{name}` must be non-empty text, got {getattr(self, name)!r}.")
         positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"]
         positive += [name for name in ("max_steps", "num_train_epochs", "max_train_samples", "checkpoints_total_limit", "cpu_threads")
                      if getattr(self, name) is not None]
@@ -124,7 +134,8 @@ class TrainConfig:
         return _task_list(self.eval_every_tasks)
 
 
-def _check_choice(name: str, value, choices: Sequence) -> None:
+def check_choice(name: str, value, choices: Sequence) -> None:
+    """Raise `ValueError` naming the field `name` and listing `choices` unless `value` is one of them."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(map(str, choices))}; got {value!r}.")
 
@@ -155,43 +166,56 @@ def _optional(kind: type) -> Callable[[str], object]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one `--flag` per `TrainConfig` field, plus `--config file.yaml`."""
-    parser = argparse.ArgumentParser(
-        description="BICO fine-tuning (arXiv 2311.07468). With no arguments: a small BICO run on data/.",
-        argument_default=argparse.SUPPRESS,  # only flags actually given reach the namespace
-    )
-    parser.add_argument("--config", help="YAML file of TrainConfig fields; flags on the command line win")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
+def build_parser(config_class: type = TrainConfig, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one `--flag` per field of `config_class`, plus `--config file.yaml`.
+
+    Args:
+        config_class (`type`, *optional*, defaults to `TrainConfig`): A dataclass whose fields carry a
+            `help` in their metadata.
+        parser (`argparse.ArgumentParser`, *optional*): The parser to add the flags to (e.g. one whose
+            errors are one line); a new one when None. Only flags actually given reach the namespace.
+    """
+    if parser is None:
+        parser = argparse.ArgumentParser(
+            description="BICO fine-tuning (arXiv 2311.07468). With no arguments: a small BICO run on data/."
+            if config_class is TrainConfig else config_class.__doc__,
+        )
+    suppress = argparse.SUPPRESS  # only flags actually given reach the namespace
+    parser.add_argument("--config", default=suppress, help=f"YAML file of {config_class.__name__} fields; flags on the command line win")
+    hints = typing.get_type_hints(config_class)
+    for f in fields(config_class):
         args = typing.get_args(hints[f.name])
         optional = type(None) in args  # `X | None`: the flag also takes "none"
         kind = next(kind for kind in args if kind is not type(None)) if optional else hints[f.name]
         help_text = f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=help_text)
+            parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=suppress, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=_optional(kind) if optional else kind, help=help_text)
+            parser.add_argument(f"--{f.name}", type=_optional(kind) if optional else kind, default=suppress, help=help_text)
     return parser
 
 
-def load_yaml_config(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping of `TrainConfig` fields, refusing unknown keys."""
+def load_yaml_config(path: str | os.PathLike, config_class: type = TrainConfig) -> dict:
+    """Read a YAML mapping of `config_class` fields, refusing unknown keys."""
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
+    name = config_class.__name__
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(values).__name__}.")
-    valid = [f.name for f in fields(TrainConfig)]
+        raise ValueError(f"{path}: expected a mapping of {name} fields, got {type(values).__name__}.")
+    valid = [f.name for f in fields(config_class)]
     for key in values:
         if key not in valid:
             raise ValueError(f"{path}: unknown field `{key}`; valid fields: {', '.join(valid)}.")
     return values
 
 
-def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Build a `TrainConfig` from defaults, then `--config file.yaml`, then the flags given."""
-    given = vars(build_parser().parse_args(argv))
-    values = load_yaml_config(given.pop("config")) if "config" in given else {}
-    values.update(given)
-    return TrainConfig(**values)
+def parse_config(argv: Sequence[str] | None = None, config_class: type = TrainConfig,
+                 parser: argparse.ArgumentParser | None = None):
+    """Build a `config_class` (default `TrainConfig`) from defaults, then `--config file.yaml`, then the flags given.
 
+    `parser` is one `build_parser(config_class)` returned; a new one when None.
+    """
+    given = vars((parser or build_parser(config_class)).parse_args(argv))
+    values = load_yaml_config(given.pop("config"), config_class) if "config" in given else {}
+    values.update(given)
+    return config_class(**values)

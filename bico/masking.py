@@ -11,6 +11,9 @@ at once, so that one side of a fact has to be predicted from the other:
     * `"span"`: whole words are masked, in runs of consecutive words (see `mask_placeholders` for
       how the runs are drawn), so a full name or a full clause is predicted from the rest.
 
+On top of any schedule, whole entities (names, titles; found by `bico.entities`) can be masked, each
+with probability `entity_mask_prob` (salient-span masking, REALM; DESIGN.md section 8).
+
 Every schedule is deterministic given a row's generator and looks only at the row's own real
 tokens, so the masks do not depend on the batch, its padding or its padding side. The collator
 (`bico.collators.BicoCollator`) and a `transformers.Trainer` adapter both call `mask_placeholders`.
@@ -38,7 +41,9 @@ LINE_BREAKS = ("Ċ", "ĉ", "č", "\n", "\t", "\r", "<0x0A>", "<0x09>", "<0x0D>")
 WORD_START_MARKERS = ("Ġ", "▁", " ", "<0x20>", *LINE_BREAKS)
 
 
-def check_schedule(schedule: str, mask_prob: float, mask_min: float = 0.0, mask_max: float = 1.0) -> None:
+def check_schedule(
+    schedule: str, mask_prob: float, mask_min: float = 0.0, mask_max: float = 1.0, entity_mask_prob: float = 0.0
+) -> None:
     """Raise a `ValueError` naming the first bad masking argument (see `mask_placeholders`)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"`schedule` must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}.")
@@ -50,6 +55,8 @@ def check_schedule(schedule: str, mask_prob: float, mask_min: float = 0.0, mask_
         raise ValueError(f"`mask_max` must be in (0, 1], got {mask_max}.")
     if mask_min > mask_max:
         raise ValueError(f"`mask_min` ({mask_min}) must be at most `mask_max` ({mask_max}).")
+    if not 0.0 <= entity_mask_prob <= 1.0:
+        raise ValueError(f"`entity_mask_prob` must be in [0, 1] (0 masks no whole entity), got {entity_mask_prob}.")
 
 
 def span_length_weights() -> torch.Tensor:
@@ -213,6 +220,22 @@ def _draw_words(
     return torch.isin(word_ids, chosen)
 
 
+def _draw_entities(
+    spans: Sequence[torch.Tensor], positions: torch.Tensor, candidates: torch.Tensor, entity_mask_prob: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Whole entity spans, each chosen with probability `entity_mask_prob`; only candidates. Shapes (n,) -> (n,).
+
+    `spans` hold positions of the padded row; `positions` (n,) are the row's real positions.
+    """
+    hits = torch.zeros_like(candidates)
+    coins = torch.rand(len(spans), generator=generator) < entity_mask_prob  # (spans,): one number per span, in order
+    for span, coin in zip(spans, coins.tolist()):
+        if coin:
+            hits |= torch.isin(positions, span.cpu())
+    return hits & candidates
+
+
 def mask_placeholders(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -224,6 +247,8 @@ def mask_placeholders(
     mask_min: float = 0.0,
     mask_max: float = 1.0,
     word_starts: torch.Tensor | None = None,
+    entity_mask_prob: float = 0.0,
+    entities: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Replace some maskable tokens by the placeholder and make them the only targets, at least one per row.
 
@@ -252,6 +277,13 @@ def mask_placeholders(
     `"span"` row with maskable tokens but no fully maskable word gets one token. A row with no
     maskable token gets no labels.
 
+    Whole entities come on top: with `entity_mask_prob` > 0, after the schedule's numbers the row
+    draws one number per entity span (`entities[row]`, in order) and masks the span's maskable tokens
+    when the number is below `entity_mask_prob`. A span's unmaskable tokens stay (the first real
+    token, so a name at the start of a row without BOS keeps its first token and loses the rest;
+    special tokens; tokens labelled -100). With `entity_mask_prob` 0 nothing more is drawn, so the
+    masks are the schedule's bit for bit; a row without entity spans gets the schedule's mask.
+
     Args:
         input_ids (`torch.LongTensor` of shape `(B, L)`): Padded token ids.
         attention_mask (`torch.LongTensor` of shape `(B, L)`): 1 on tokens, 0 on padding.
@@ -266,13 +298,18 @@ def mask_placeholders(
             The range of the `"uniform"` rate, 0 <= `mask_min` <= `mask_max` <= 1, `mask_max` > 0.
         word_starts (`torch.BoolTensor` of shape `(B, L)`, *optional*): Required for `"span"`:
             `find_word_starts(input_ids, tokenizer)`.
+        entity_mask_prob (`float`, *optional*, defaults to 0.0): Probability of masking each entity
+            span whole, in [0, 1]; 0 masks none.
+        entities (`Sequence[Sequence[torch.LongTensor]]`, *optional*): Per row, each entity span as the
+            positions of its tokens in the row of `input_ids`, e.g. `bico.entities.EntityFinder.batch_positions`.
+            Required when `entity_mask_prob` > 0.
 
     Returns:
         `dict[str, torch.Tensor]`: `input_ids` with placeholders (B, L); `attention_mask` (B, L), 0 at
         placeholders and padding; `labels` (B, L), the original token at masked positions and -100
         elsewhere.
     """
-    check_schedule(schedule, mask_prob, mask_min, mask_max)
+    check_schedule(schedule, mask_prob, mask_min, mask_max, entity_mask_prob)
     B, L = input_ids.shape
     if generators is not None and len(generators) != B:
         raise ValueError(f"`generators` has {len(generators)} entries for a batch of {B} rows.")
@@ -283,6 +320,8 @@ def mask_placeholders(
             raise ValueError("`word_starts` is required for `schedule='span'`: pass `find_word_starts(input_ids, tokenizer)`.")
         if word_starts.shape != (B, L):
             raise ValueError(f"`word_starts` must have the shape of `input_ids` {(B, L)}, got {tuple(word_starts.shape)}.")
+    if entity_mask_prob > 0 and (entities is None or len(entities) != B):
+        raise ValueError(f"`entities` must give the entity spans of each of the {B} rows when `entity_mask_prob` > 0.")
     real = attention_mask.bool().cpu()
     masked = torch.zeros(B, L, dtype=torch.bool)
     for row in range(B):
@@ -299,6 +338,8 @@ def mask_placeholders(
             if schedule == "uniform":
                 rate = mask_min + (mask_max - mask_min) * torch.rand(1, generator=generator).item()
             hits = _draw_tokens(candidates, rate, generator)
+        if entity_mask_prob > 0:  # after the schedule's draws, which thus stay those of entity_mask_prob 0
+            hits |= _draw_entities(entities[row], positions, candidates, entity_mask_prob, generator)
         masked[row, positions] = hits
     masked = masked.to(input_ids.device)
     return {

@@ -3,8 +3,10 @@
 BICO (Lv et al., arXiv 2311.07468, section 4.3) mixes two objectives: each optimizer step is, with
 probability `p_bico`, a placeholder-mask denoising step run with bidirectional-RoPE attention, and
 otherwise an ordinary next-token-prediction (NTP) step. The baselines are mixed with NTP the same
-way: GLM blank infilling (`abi`) and reverse training (`reverse`, Golovneva et al. 2024: NTP on the
-row reversed word by word, with names and completions kept in their own order).
+way: GLM blank infilling (`abi`), reverse training (`reverse`, Golovneva et al. 2024: NTP on the
+row reversed word by word, with names and completions kept in their own order) and masked
+fine-tuning of the causal model (`demask`, Pan et al., arXiv 2510.09885: read a masked copy of the
+row, then write the row; `bico.demask`).
 
 Both training front ends use this module: the Accelerate loop (`bico.training`) and the
 `transformers.Trainer` adapter (`bico.trainer`).
@@ -22,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from .abi import AbiCollator, prepare_abi_model
 from .collators import BicoCollator, NtpCollator, choose_objective
 from .data import load_train
+from .demask import DemaskCollator
 from .patch import bidirectional
 from .reverse import ReverseCollator, collect_names
 
@@ -44,20 +47,37 @@ class Objective:
     setup: Callable | None = None
 
 
+def _answer_names(config) -> list[str]:
+    """The names the training file answers with: `collect_names` over all its completions."""
+    return collect_names(load_train(config.data_dir, config.train_file)["completion"])
+
+
+def _masking_options(config) -> dict:
+    """The masking keyword arguments of `BicoCollator` and `DemaskCollator` from a `TrainConfig`."""
+    return dict(schedule=config.mask_schedule, mask_min=config.mask_min, mask_max=config.mask_max,
+                entity_mask_prob=config.entity_mask_prob,
+                entity_names=_answer_names(config) if config.entity_mask_prob > 0 else ())
+
+
 # Objective name -> how to build its batches. `--objective X` mixes X with "ntp" by `p_bico`.
 OBJECTIVES: dict[str, Objective] = {
     "ntp": Objective(lambda tokenizer, config: NtpCollator(tokenizer), bidirectional=False),
     "bico": Objective(
         lambda tokenizer, config: BicoCollator(
-            tokenizer, config.mask_prob, config.placeholder_id, config.seed,
-            schedule=config.mask_schedule, mask_min=config.mask_min, mask_max=config.mask_max,
+            tokenizer, config.mask_prob, config.placeholder_id, config.seed, **_masking_options(config),
         ),
         bidirectional=True,
     ),
     # Reverse training (bico.reverse): NTP on each row reversed word by word, names and completions kept whole.
     "reverse": Objective(
-        lambda tokenizer, config: ReverseCollator(
-            tokenizer, config.max_length, names=collect_names(load_train(config.data_dir, config.train_file)["completion"]),
+        lambda tokenizer, config: ReverseCollator(tokenizer, config.max_length, names=_answer_names(config)),
+        bidirectional=False,
+    ),
+    # Masked fine-tuning (bico.demask): masked copy, separator, the row; causal attention, loss on the row.
+    "demask": Objective(
+        lambda tokenizer, config: DemaskCollator(
+            tokenizer, config.max_length, config.mask_prob, config.seed, marker=config.demask_marker,
+            separator=config.demask_separator, **_masking_options(config),
         ),
         bidirectional=False,
     ),

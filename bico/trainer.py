@@ -16,7 +16,11 @@ What the mixin adds to the Trainer it is mixed into:
     * a BICO step masks the ordinary causal-LM batch the user's collator made (`input_ids`,
       `attention_mask`, `labels`): tokens become placeholders hidden from every query and their labels
       the only targets, with the masks of `bico.BicoCollator`. A token the collator labelled -100
-      (padding, or a prompt under a completion-only loss) is never masked;
+      (padding, or a prompt under a completion-only loss) is never masked. With `entity_mask_prob`,
+      whole entities are masked on top; the batch holds ids only, so each row is decoded and
+      tokenized again with offsets to find them (`bico.entities`). A row whose ids do not come back
+      (ids that are not the tokenizer's own tokenization of their text) gets the schedule's mask
+      only; `trainer.masker.entities.unaligned` counts such rows and the first logs a warning;
     * the BICO forward runs inside `bico.bidirectional(model)`, and the Trainer's loss normalisation
       (`num_items_in_batch`, over the accumulation step and the processes) counts the masked labels;
     * `loss_bico` and `loss_ntp` are logged beside `loss`.
@@ -28,7 +32,7 @@ import contextlib
 import copy
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from transformers import Trainer
@@ -55,6 +59,10 @@ class BicoTrainerMixin:
             from U(`mask_min`, `mask_max`)) or `"span"` (whole words); see `bico.masking`.
         mask_min (`float`, *optional*, defaults to 0.0), mask_max (`float`, *optional*, defaults to 1.0):
             The range of the `uniform` rate.
+        entity_mask_prob (`float`, *optional*, defaults to 0.0): Probability of masking each entity of a
+            row whole on top of the schedule (see above; needs a fast tokenizer); 0 keeps the masks as they were.
+        entity_names (`Iterable[str]`, *optional*): Names that are entities wherever they occur, e.g.
+            `bico.reverse.collect_names(completions)`; runs of capitalised words are entities anyway.
         placeholder_id (`int`, *optional*): Written over masked tokens; defaults to the tokenizer's
             (`processing_class`, required) pad, else unk, else eos id.
         bico_seed (`int`, *optional*): Seeds the objective of each step and the masks; defaults to `args.seed`.
@@ -75,6 +83,8 @@ class BicoTrainerMixin:
         mask_schedule: str = "fixed",
         mask_min: float = 0.0,
         mask_max: float = 1.0,
+        entity_mask_prob: float = 0.0,
+        entity_names: Iterable[str] = (),
         placeholder_id: int | None = None,
         bico_seed: int | None = None,
         merge_adapters: bool = False,
@@ -82,7 +92,7 @@ class BicoTrainerMixin:
     ):
         if not 0.0 <= p_bico <= 1.0:
             raise ValueError(f"`p_bico` must be in [0, 1], got {p_bico}.")
-        check_schedule(mask_schedule, mask_prob, mask_min, mask_max)
+        check_schedule(mask_schedule, mask_prob, mask_min, mask_max, entity_mask_prob)
         super().__init__(*args, **kwargs)
         _check_patchable(self.model)
         self.p_bico = p_bico
@@ -93,6 +103,7 @@ class BicoTrainerMixin:
             raise ValueError("BicoTrainer needs the tokenizer (its special ids are never masked): pass `processing_class=tokenizer`.")
         self.masker = BicoCollator(
             tokenizer, mask_prob, placeholder_id, self.bico_seed, schedule=mask_schedule, mask_min=mask_min, mask_max=mask_max,
+            entity_mask_prob=entity_mask_prob, entity_names=entity_names,
         )
         self._objective_losses = {name: [0.0, set()] for name in LOGGED}  # loss sum, steps
 

@@ -125,6 +125,30 @@ def test_variants_of_an_objective_are_runs_of_their_own(tmp_path):
         CompareConfig(objectives=["bico:mask_schedule=zigzag"])
 
 
+def test_entity_masking_and_demask_variants_are_runs_of_their_own(tmp_path):
+    config = CompareConfig(objectives=["bico", "bico:entity_mask_prob=0.5", "demask", "demask:mask_prob=0.5,entity_mask_prob=0.5"],
+                           seeds=[0], output_dir=str(tmp_path), train_overrides={"max_steps": 40})
+    runs = config.run_configs()
+    assert [Path(c.output_dir).name for c in runs] == [
+        "data-bico-seed0", "data-bico_entity_mask_prob_0.5-seed0", "data-demask-seed0",
+        "data-demask_mask_prob_0.5_entity_mask_prob_0.5-seed0",
+    ]
+    assert [variant_label(c) for c in runs] == [
+        "bico", "bico:entity_mask_prob=0.5", "demask", "demask:mask_prob=0.5,entity_mask_prob=0.5"]
+    assert (runs[1].entity_mask_prob, runs[3].objective, runs[3].mask_prob) == (0.5, "demask", 0.5)
+    # A run made before the new options existed has their defaults: it is the same run as today's default.
+    run_dir = _fake_run(tmp_path / "old", None, "bico", 0, 0.1, 0.2)
+    stored = yaml.safe_load((run_dir / "train_config.yaml").read_text())
+    for key in ("entity_mask_prob", "demask_marker", "demask_separator"):
+        stored.pop(key)
+    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(stored))
+    check_same_run(TrainConfig(**stored), run_dir)
+    with pytest.raises(ValueError, match=r"entity_mask_prob: 0.0 there, 0.5 now"):
+        check_same_run(TrainConfig(**{**stored, "entity_mask_prob": 0.5}), run_dir)
+    with pytest.raises(ValueError, match=r"`entity_mask_prob` must be in \[0, 1\]"):
+        CompareConfig(objectives=["bico:entity_mask_prob=2"])
+
+
 def test_bad_options_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="`objectives`.*'mlm'"):
         CompareConfig(objectives=["ntp", "mlm"])

@@ -208,18 +208,8 @@ def test_word_starts_for_byte_level_and_sentencepiece_tokenizers(tiny_tokenizer)
         word_start_table(_wrap(plain, unk_token="<unk>"))
 
 
-def test_word_starts_for_the_smollm2_tokenizer_if_cached():
-    import transformers
-    from transformers import AutoTokenizer
-
-    from bico.pretrained import cache_dir
-
-    # Any release's conversion has the same vocabulary; this release's own is preferred.
-    found = sorted(cache_dir().glob("transformers-*/SmolLM2-135M-Instruct/tokenizer.json"),
-                   key=lambda path: transformers.__version__ in str(path))
-    if not found:
-        pytest.skip(f"no converted SmolLM2 tokenizer in {cache_dir()}")
-    tokenizer = AutoTokenizer.from_pretrained(found[-1].parent)
+def test_word_starts_for_the_smollm2_tokenizer_if_cached(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
     text = 'Ada Orr, the baker of "Rye Nights", wrote\ntwo songs.'
     assert _words_of(tokenizer, text) == text.split()  # no BOS: position 0 begins the first word
 

@@ -145,6 +145,31 @@ def test_masks_do_not_depend_on_the_padding_side_or_the_batch(tmp_path, tiny_mod
     assert not torch.equal(trainer.bico_batch(NtpCollator(tokenizer)(examples), step=4)["labels"], right["labels"])
 
 
+def test_entity_masking_finds_the_loops_entities_from_token_ids_and_trains(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from bico.reverse import collect_names
+
+    model, tokenizer = _load(tiny_model_dir)
+    train = load_train(data_dir)
+    names = collect_names(train["completion"])
+    examples, _ = encode_rows(train["prompt"][:24], train["completion"][:24], tokenizer, max_length=256)
+    rows = [{**example, "seed": row_seed(0, 0, example["index"])} for example in examples]
+    options = {"mask_prob": 0.15, "entity_mask_prob": 0.5, "entity_names": names}
+    expected = BicoCollator(tokenizer, **options)(rows)  # the loop's batch: entities found in prompt + completion
+    trainer = _trainer(model, tokenizer, _dataset(tokenizer, data_dir), tmp_path, bico_options={**options, "p_bico": 1.0})
+    monkeypatch.setattr(trainer, "row_seeds", lambda input_ids, attention_mask, step: [row["seed"] for row in rows])
+    batch = trainer.bico_batch(NtpCollator(tokenizer)(examples), step=0)  # here: decoded from the ids
+    assert torch.equal(batch["labels"], expected["labels"]) and trainer.masker.entities.unaligned == 0
+    plain = BicoCollator(tokenizer, mask_prob=0.15)(rows)
+    assert (expected["labels"] != IGNORE_INDEX).sum() > (plain["labels"] != IGNORE_INDEX).sum()  # entities on top
+    monkeypatch.undo()
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    assert len(losses) == 6 and all(loss == loss and loss > 0 for loss in losses)
+    assert trainer.masker.entities.unaligned == 0
+    with pytest.raises(ValueError, match=r"`entity_mask_prob` must be in \[0, 1\].*got 2"):
+        _trainer(model, tokenizer, _dataset(tokenizer, data_dir), tmp_path, bico_options={"entity_mask_prob": 2})
+
+
 # --------------------------------------------------------------------------------------------------
 # Training: accumulation, logging, mixed precision, checkpointing, resume, saving
 # --------------------------------------------------------------------------------------------------

@@ -124,6 +124,9 @@ def test_train_mixes_objectives_learns_and_saves(tmp_path, tiny_model_dir, small
     ("reverse", {}),
     ("bico", {"mask_schedule": "span", "mask_prob": 0.3}),
     ("bico", {"mask_schedule": "uniform", "mask_min": 0.2, "mask_max": 0.8}),
+    ("bico", {"entity_mask_prob": 0.5}),
+    ("demask", {"mask_prob": 0.5}),
+    ("demask", {"mask_schedule": "uniform", "entity_mask_prob": 0.5}),
 ])
 def test_every_objective_and_schedule_trains_through_the_loop(tmp_path, tiny_model_dir, small_data_dir, objective, options, monkeypatch):
     import bico.objectives
