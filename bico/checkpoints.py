@@ -12,10 +12,12 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
 import accelerate
+import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
@@ -106,12 +108,34 @@ def read_history(history_file: Path, up_to_step: int) -> list[dict]:
     return records
 
 
-def resume_checkpoint(accelerator: Accelerator, config: TrainConfig, output_dir: Path) -> dict | None:
+def start_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
+    """Refuse another run's checkpoints, drop half-written ones, record the config in `train_config.yaml`.
+
+    `config` is any dataclass config with `output_dir` and `resume_from_checkpoint` (`TrainConfig`,
+    `bico.axioms.training.AxiomConfig`).
+    """
+    output_dir = Path(config.output_dir)
+    stale = find_latest_checkpoint(output_dir) if config.resume_from_checkpoint is None else None
+    if stale is not None:
+        # Checkpoints of another run would mix with this run's (rotation keeps the highest steps).
+        raise ValueError(
+            f"`output_dir` {str(output_dir)!r} already holds checkpoints of a run ({stale.name}); pass "
+            "`--resume_from_checkpoint latest` to continue it, or choose another `--output_dir`."
+        )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial_checkpoints(output_dir)
+        (output_dir / "train_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    return output_dir
+
+
+def resume_checkpoint(accelerator: Accelerator, config: TrainConfig, output_dir: Path,
+                      may_change: Collection[str] = RESUME_MAY_CHANGE) -> dict | None:
     """Load the checkpoint `config.resume_from_checkpoint` names into the prepared objects.
 
     `latest` means the newest complete checkpoint of `output_dir`, and starts fresh when there is none.
-    Warns when the checkpoint was written with other training settings (`RESUME_MAY_CHANGE` lists
-    those that may differ).
+    Warns when the checkpoint was written with other training settings (`may_change` lists the config
+    fields that may differ; `RESUME_MAY_CHANGE` is `TrainConfig`'s).
 
     Returns:
         `dict | None`: the checkpoint's `trainer_state.json` (`global_step`, `epoch`, `batches_done`,
@@ -135,7 +159,7 @@ def resume_checkpoint(accelerator: Accelerator, config: TrainConfig, output_dir:
     accelerator.load_state(checkpoint)
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
     changed = [key for key, value in state.get("config", {}).items()
-               if key not in RESUME_MAY_CHANGE and getattr(config, key, value) != value]
+               if key not in may_change and getattr(config, key, value) != value]
     if changed:
         logger.warning(f"resuming with other settings than the checkpoint's ({', '.join(changed)}): "
                        "the run will not repeat the original one.")

@@ -6,23 +6,30 @@ process group outlives each `train` and `end_processes()` ends it after the last
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 
+from .checkpoints import start_output_dir
 from .config import TrainConfig
 
 
-__all__ = ["make_accelerator", "process_state", "end_processes", "cpu_threads", "check_sharding"]
+__all__ = ["make_accelerator", "start_run", "end_run", "process_state", "end_processes", "cpu_threads", "check_sharding"]
 
 logger = get_logger(__name__)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    """The run's `Accelerator`: accumulation, mixed precision, trackers, and a seeded data order."""
+    """The run's `Accelerator`: accumulation, mixed precision, trackers, and a seeded data order.
+
+    `config` is a `TrainConfig` or any config with the same `output_dir`, `gradient_accumulation_steps`,
+    `mixed_precision`, `report_to` and `seed` fields (`bico.axioms.training.AxiomConfig`).
+    """
     output_dir = Path(config.output_dir)
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -32,6 +39,32 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # The shuffling order of epoch e comes from seed + e, the same on every process and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+
+
+def start_run(config: TrainConfig) -> tuple[Accelerator, Path]:
+    """Start a training run: its `Accelerator`, the seed, the CPU threads, and its output directory.
+
+    `config` is a `TrainConfig` or any config `make_accelerator` and `start_output_dir` take (plus
+    `cpu_threads`). Returns `(accelerator, output_dir)`.
+    """
+    accelerator = make_accelerator(config)
+    check_sharding(accelerator)
+    set_seed(config.seed)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config.cpu_threads))
+    return accelerator, start_output_dir(config, accelerator)
+
+
+def end_run(accelerator: Accelerator) -> None:
+    """Free what the run's `Accelerator` holds and finish its trackers; the process group stays up.
+
+    The caller first drops its own references to the prepared objects (`del model, optimizer, ...`):
+    nothing wrapped by DDP may outlive the run (see `bico.training.train`).
+    """
+    accelerator.free_memory()
+    gc.collect()
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def process_state() -> PartialState:

@@ -18,7 +18,6 @@ with the same global batch, repeats the same sequence of batches, objectives and
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -27,17 +26,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator, skip_first_batches
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from .checkpoints import (
-    clean_partial_checkpoints, find_latest_checkpoint, progress_state, read_history, resume_checkpoint, save_checkpoint,
-)
+from .checkpoints import progress_state, read_history, resume_checkpoint, save_checkpoint
 from .collators import IGNORE_INDEX, encode_rows, row_seed
 from .compat import enable_activation_checkpointing
 from .config import DEFAULT_MAX_STEPS, TrainConfig, parse_config
@@ -45,7 +41,7 @@ from .data import load_train
 from .objectives import OBJECTIVES, objective_mode, step_objective
 from .patch import patch_llama, unpatch_llama
 from .pretrained import is_gguf, resolve_model_path
-from .processes import check_sharding, cpu_threads, end_processes, make_accelerator
+from .processes import end_processes, end_run, start_run
 
 
 __all__ = ["TrainConfig", "parse_config", "train", "save_final_model", "end_processes"]
@@ -117,8 +113,12 @@ def _load_model(config: TrainConfig, model_dir: Path):
     return model, tokenizer
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    # Decay matrices (and embeddings), not norms and biases, as nanoGPT does.
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at `config.learning_rate` over the trainable parameters only.
+
+    Matrices and embeddings decay by `config.weight_decay`, norms and biases do not (as in nanoGPT).
+    Frozen parameters (`requires_grad=False`) are left out, so no decay ever reaches them.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -157,31 +157,14 @@ def _flat_metrics(results, prefix: str) -> dict[str, float]:
     return flat
 
 
-def _tracker_config(config: TrainConfig) -> dict:
-    # TensorBoard's hparams accept only numbers, strings and booleans.
+def tracker_config(config: TrainConfig) -> dict:
+    """The config as `init_trackers` takes it: TensorBoard's hparams accept only numbers, strings and booleans."""
     return {key: (value if isinstance(value, (int, float, str, bool)) else str(value)) for key, value in asdict(config).items()}
 
 
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-
-
-def _start_output_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
-    """Refuse another run's checkpoints, drop half-written ones, record the config."""
-    output_dir = Path(config.output_dir)
-    stale = find_latest_checkpoint(output_dir) if config.resume_from_checkpoint is None else None
-    if stale is not None:
-        # Checkpoints of another run would mix with this run's (rotation keeps the highest steps).
-        raise ValueError(
-            f"`output_dir` {str(output_dir)!r} already holds checkpoints of a run ({stale.name}); pass "
-            "`--resume_from_checkpoint latest` to continue it, or choose another `--output_dir`."
-        )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial_checkpoints(output_dir)
-        (output_dir / "train_config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
-    return output_dir
 
 
 def _total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -192,7 +175,8 @@ def _total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return DEFAULT_MAX_STEPS
 
 
-def _scheduler(config: TrainConfig, optimizer, total_steps: int, processes: int):
+def make_scheduler(config: TrainConfig, optimizer, total_steps: int, processes: int):
+    """`config.lr_scheduler_type` over `total_steps` optimizer steps, with `warmup_steps` (or `warmup_ratio`)."""
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
     scheduler_kwargs = {"min_lr_rate": config.min_lr_rate} if config.lr_scheduler_type.endswith("with_min_lr") else None
     # A prepared scheduler steps once per process at every optimizer step, hence the * processes.
@@ -229,12 +213,7 @@ def train(config: TrainConfig) -> dict:
     Several runs can follow one another in a process: the process group of a multi-process launch stays
     up, and `end_processes()` ends it after the last.
     """
-    accelerator = make_accelerator(config)
-    check_sharding(accelerator)
-    set_seed(config.seed)
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(config.cpu_threads))
-    output_dir = _start_output_dir(config, accelerator)
+    accelerator, output_dir = start_run(config)
 
     # Data and model
     prompts, completions = _training_texts(config)
@@ -246,15 +225,15 @@ def train(config: TrainConfig) -> dict:
     collators = {name: OBJECTIVES[name].make_collator(tokenizer, config) for name in dict.fromkeys(["ntp", config.objective])}
     dataloader = DataLoader(examples, batch_size=config.per_device_train_batch_size, shuffle=True, collate_fn=_keep_examples)
 
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     # len(dataloader) is still the single-process length here; prepare() shards it.
     processes = accelerator.num_processes
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / processes) / config.gradient_accumulation_steps)
     total_steps = _total_steps(config, steps_per_epoch)
-    scheduler = _scheduler(config, optimizer, total_steps, processes)
+    scheduler = make_scheduler(config, optimizer, total_steps, processes)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     if config.report_to:
-        accelerator.init_trackers("bico", config=_tracker_config(config))
+        accelerator.init_trackers("bico", config=tracker_config(config))
 
     global_step, epoch, batches_done = 0, 0, 0
     state = resume_checkpoint(accelerator, config, output_dir)
@@ -338,10 +317,7 @@ def train(config: TrainConfig) -> dict:
     # which joins gloo's threads while holding the GIL and can deadlock (seen with 2 processes on a busy
     # 2-core machine). So nothing wrapped outlives train(); the group stays up for the next run.
     del model, optimizer, dataloader, scheduler
-    accelerator.free_memory()
-    gc.collect()
-    for tracker in accelerator.trackers:
-        tracker.finish()
+    end_run(accelerator)
     return {
         "global_step": global_step,
         "loss": last_loss,

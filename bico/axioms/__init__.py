@@ -3,8 +3,10 @@
 A transformer trained from scratch on symbolic demonstrations of one axiom, "if A causes B and B
 causes C, then A causes C", answers `Does A cause C?` with Yes or No on graphs unlike its training
 chains: longer chains, longer names, reversed or shuffled sentences, branching DAGs. This subpackage
-generates the training mixes and evaluation sets (`generator`, `graphs`) and the fixed character-level
-tokenizer (`tokenizer`); docs/axioms.md describes both.
+generates the training mixes and evaluation sets (`generator`, `graphs`), the fixed character-level
+tokenizer (`tokenizer`), the decoders with four positional encodings (`models`), their training
+(`training`) and evaluation (`evaluation`), and the `bico-axioms` command (`cli`); docs/axioms.md
+describes them.
 """
 
 from .generator import (
@@ -18,6 +20,9 @@ from .generator import (
     write_jsonl,
 )
 from .tokenizer import ANSWERS, answer_ids, build_tokenizer, encode
+from .models import POSITION_ENCODINGS, build_model, load_model
+from .training import AxiomConfig, train
+from .evaluation import evaluate, plot_accuracy, write_results
 
 
 __all__ = [
@@ -33,4 +38,12 @@ __all__ = [
     "build_tokenizer",
     "answer_ids",
     "encode",
+    "POSITION_ENCODINGS",
+    "build_model",
+    "load_model",
+    "AxiomConfig",
+    "train",
+    "evaluate",
+    "write_results",
+    "plot_accuracy",
 ]
