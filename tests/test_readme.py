@@ -45,3 +45,12 @@ def test_version_is_written_once():
 
     assert importlib.metadata.version("bico") == bico.__version__
     assert "version =" not in (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text().split("[project]")[1].split("[")[0]
+
+
+def test_axioms_example_runs(capsys):
+    section = README.split("## Axiomatic training", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    premise_line, accuracy = capsys.readouterr().out.splitlines()
+    assert premise_line.endswith(("? Yes", "? No")) and " causes " in premise_line
+    assert 0.0 <= float(accuracy) <= 1.0
