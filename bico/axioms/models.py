@@ -31,12 +31,13 @@ The saved `config.json` records `bico_position_encoding`; evaluation reads it ba
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
 
 
 __all__ = [
@@ -158,7 +159,12 @@ def load_model(model_dir: str | os.PathLike) -> PreTrainedModel:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"`model` {str(model_dir)!r} is not a model directory (no config.json); pass a directory written by `bico-axioms train`.")
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    rope = json.loads((model_dir / "config.json").read_text()).get("rope_parameters") or {}
+    if config.model_type == "gpt_neox" and "partial_rotary_factor" in rope:
+        # transformers 5.0 resets the saved factor to GPT-NeoX's default 0.25 on load; 5.24+ keep it.
+        config.rope_parameters["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config)
     encoding = read_position_encoding(model)
     if encoding in FROZEN_TABLES:
         wpe = model.transformer.wpe.weight
