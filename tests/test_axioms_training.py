@@ -122,6 +122,28 @@ def test_loss_is_only_the_answer_at_the_last_real_position():
     assert answer_loss(model, padded, _OneProcess(), answers)[0].item() == pytest.approx(loss.item(), abs=1e-6)
 
 
+
+def test_premise_lm_weight_adds_the_mean_next_token_loss_of_the_real_tokens():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    rows, _ = generate_split("TS2", 6, seed=2, eval_instances=2)
+    batch = collate(encode(rows, tokenizer), tokenizer.pad_token_id)
+    model = build_model("none", len(tokenizer), n_layer=1, n_head=2, n_embd=16, max_positions=64, pad_token_id=0, seed=0)
+    answers = torch.tensor(answer_ids(tokenizer))
+    plain, _ = answer_loss(model, batch, _OneProcess(), answers)
+    weighted, _ = answer_loss(model, batch, _OneProcess(), answers, premise_lm_weight=0.5)
+    # Independent: every (row, t) with tokens t and t+1 both real, token t+1 predicted from position t.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+    terms = []
+    for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+        for t in range(length - 1):
+            terms.append(-torch.log_softmax(logits[row, t], dim=-1)[batch["input_ids"][row, t + 1]])
+    expected_lm = torch.stack(terms).mean()
+    assert weighted.item() == pytest.approx(plain.item() + 0.5 * expected_lm.item(), rel=1e-5)
+    assert weighted.item() > plain.item() + 0.5  # the next-token loss of an untrained model is large
+    with pytest.raises(ValueError, match="premise_lm_weight"):
+        AxiomConfig(premise_lm_weight=-1.0)
+
 # --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------

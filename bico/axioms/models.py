@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 __all__ = [
     "POSITION_ENCODINGS", "build_model", "load_model", "read_position_encoding", "check_vocabulary", "sinusoidal_table",
-    "collate", "last_position_logits",
+    "collate", "gather_last", "last_position_logits",
 ]
 
 POSITION_ENCODINGS = ("none", "learned", "sinusoidal", "rope")
@@ -244,5 +244,10 @@ def last_position_logits(model: torch.nn.Module, input_ids: torch.Tensor, attent
         `torch.Tensor` of shape (B, V), in the logits' dtype.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
+    return gather_last(logits, attention_mask)
+
+
+def gather_last(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's logits at its last real position: (B, L, V) and a right-padded (B, L) mask -> (B, V)."""
     last = attention_mask.sum(dim=1) - 1  # (B,)
-    return logits[torch.arange(logits.shape[0], device=logits.device), last]  # (B, V)
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]

@@ -36,7 +36,7 @@ from ..config import MIXED_PRECISION_CHOICES, check_choice, parse_config
 from ..processes import end_run, start_run
 from ..training import make_optimizer, make_scheduler, tracker_config
 from .generator import EVAL_SETS, TRAIN_MIXES, generate_eval, generate_train, read_jsonl
-from .models import build_model, check_position_encoding, collate, last_position_logits
+from .models import build_model, check_position_encoding, collate, gather_last
 from .tokenizer import answer_ids, build_tokenizer, encode
 
 
@@ -70,6 +70,8 @@ class AxiomConfig:
     max_positions: int = field(default=256, metadata={
         "help": "longest input in tokens (GPT-2's position table); the evaluation sets reach ~200"})
     dropout: float = field(default=0.0, metadata={"help": "every dropout rate of the model"})
+    premise_lm_weight: float = field(default=0.0, metadata={
+        "help": "weight of an auxiliary next-token loss on the premise and question tokens; 0 = the paper's answer-only loss"})
     seed: int = field(default=0, metadata={"help": "seeds the model init and the data order"})
 
     # Optimisation
@@ -109,7 +111,7 @@ class AxiomConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
-        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "warmup_ratio", "checkpointing_steps"):
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "warmup_ratio", "checkpointing_steps", "premise_lm_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not 0.0 <= self.dropout < 1.0:
@@ -146,24 +148,37 @@ def _training_rows(config: AxiomConfig) -> list[dict]:
     return generate_split(config.mix, config.num_instances, config.data_seed)[0]
 
 
-def answer_loss(model, batch: dict, accelerator: Accelerator, answer_token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_loss(
+    model, batch: dict, accelerator: Accelerator, answer_token_ids: torch.Tensor, premise_lm_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the answer token at each row's last real position, and the rows answered right.
 
     The loss sums over the micro-batch and divides by the rows of every process (and by the number of
     processes, which DDP averages over), so P processes x batch b give the gradient of 1 x batch P*b.
+    With `premise_lm_weight` w > 0 it adds w times the mean next-token cross-entropy over the row's own
+    tokens (every real token after the first, normalised by the real tokens of every process): a
+    deviation from the paper, whose single answer bit per row gives a small model little to start from.
 
     Args:
         batch (`dict`): `collate`'s `input_ids`, `attention_mask` (B, L) and `answer_ids` (B,).
         answer_token_ids (`torch.Tensor`): (2,) the Yes and No ids; the prediction is the larger logit of the two.
+        premise_lm_weight (`float`): weight of the auxiliary next-token loss; 0 leaves the paper's loss.
 
     Returns:
         `tuple`: the scalar loss (float32) and the count of rows whose prediction is right (int64, local).
     """
-    logits = last_position_logits(model, batch["input_ids"], batch["attention_mask"]).float()  # (B, V)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
+    answer_logits = gather_last(logits, attention_mask).float()  # (B, V)
     rows = torch.tensor(batch["answer_ids"].shape[0], device=logits.device)
     global_rows = accelerator.reduce(rows, reduction="sum")
-    loss = F.cross_entropy(logits, batch["answer_ids"], reduction="sum") * accelerator.num_processes / global_rows
-    predictions = answer_token_ids[logits[:, answer_token_ids].argmax(dim=-1)]  # (B,)
+    loss = F.cross_entropy(answer_logits, batch["answer_ids"], reduction="sum") * accelerator.num_processes / global_rows
+    if premise_lm_weight > 0:
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (B, L-1)
+        global_tokens = accelerator.reduce((targets != -100).sum(), reduction="sum")
+        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        loss = loss + premise_lm_weight * lm_loss * accelerator.num_processes / global_tokens
+    predictions = answer_token_ids[answer_logits[:, answer_token_ids].argmax(dim=-1)]  # (B,)
     return loss, (predictions == batch["answer_ids"]).sum()
 
 
@@ -248,7 +263,7 @@ def train(config: AxiomConfig) -> dict:
         if global_step >= total_steps:
             break
         with accelerator.accumulate(model):
-            loss, correct = answer_loss(model, batch, accelerator, answer_token_ids)
+            loss, correct = answer_loss(model, batch, accelerator, answer_token_ids, config.premise_lm_weight)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
