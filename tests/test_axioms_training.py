@@ -88,12 +88,18 @@ def test_bad_options_name_the_field_and_the_choices(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_loss_is_only_the_answer_at_the_last_real_position():
+def _tiny_batch_and_model(encoding: str, seed: int):
+    """Six TS2 rows as one padded batch, a 1-layer model with `encoding`, and the Yes/No ids."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    rows, _ = generate_split("TS2", 6, seed=1, eval_instances=2)
+    rows, _ = generate_split("TS2", 6, seed=seed, eval_instances=2)
     batch = collate(encode(rows, tokenizer), tokenizer.pad_token_id)
-    model = build_model("learned", len(tokenizer), n_layer=1, n_head=2, n_embd=16, max_positions=64, pad_token_id=0, seed=0)
+    model = build_model(encoding, len(tokenizer), n_layer=1, n_head=2, n_embd=16, max_positions=64, pad_token_id=0, seed=0)
+    return batch, model, torch.tensor(answer_ids(tokenizer))
+
+
+def test_loss_is_only_the_answer_at_the_last_real_position():
+    batch, model, answers = _tiny_batch_and_model("learned", seed=1)
     seen = {}
 
     def keep_logits(module, args, output):
@@ -101,7 +107,6 @@ def test_loss_is_only_the_answer_at_the_last_real_position():
         seen["logits"] = output.logits
 
     model.register_forward_hook(keep_logits)
-    answers = torch.tensor(answer_ids(tokenizer))
     loss, correct = answer_loss(model, batch, _OneProcess(), answers)
     loss.backward()
     logits, grad = seen["logits"], seen["logits"].grad  # (B, L, V)
@@ -124,12 +129,7 @@ def test_loss_is_only_the_answer_at_the_last_real_position():
 
 
 def test_premise_lm_weight_adds_the_mean_next_token_loss_of_the_real_tokens():
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    rows, _ = generate_split("TS2", 6, seed=2, eval_instances=2)
-    batch = collate(encode(rows, tokenizer), tokenizer.pad_token_id)
-    model = build_model("none", len(tokenizer), n_layer=1, n_head=2, n_embd=16, max_positions=64, pad_token_id=0, seed=0)
-    answers = torch.tensor(answer_ids(tokenizer))
+    batch, model, answers = _tiny_batch_and_model("none", seed=2)
     plain, _ = answer_loss(model, batch, _OneProcess(), answers)
     weighted, _ = answer_loss(model, batch, _OneProcess(), answers, premise_lm_weight=0.5)
     # Independent: every (row, t) with tokens t and t+1 both real, token t+1 predicted from position t.
