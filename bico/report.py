@@ -117,17 +117,18 @@ def _cell(stats: dict | None, digits: int, spread: bool = True) -> str:
 def format_comparison(summary: dict) -> str:
     """Markdown tables of the final results: one per data set, one row per (task, objective).
 
-    Columns: seeds (n); Berglund exact match; candidate-ranking accuracy and its chance rate; the mean
+    Columns: seeds (n); Berglund exact match; the BICO paper's looser match (target anywhere in the greedy
+    answer); candidate-ranking accuracy and its chance rate; the mean
     log-probability of the target and of a random other person's answer, and how often the target wins
     (the last three only for the tasks with a `*_randomized` file). `mean ± std` over seeds; `-` where a
     metric does not apply.
     """
-    header = ("| task | objective | n | exact match | rank accuracy | rank chance | log p(target) "
+    header = ("| task | objective | n | exact match | contains | rank accuracy | rank chance | log p(target) "
               "| log p(random) | p(target) > p(random) |")
     blocks = []
     for dataset, objectives in summary.items():
         steps = sorted({s for entry in objectives.values() for s in entry["steps"]})
-        lines = [f"### {dataset} ({', '.join(map(str, steps))} steps)", "", header, "|" + "---|" * 9]
+        lines = [f"### {dataset} ({', '.join(map(str, steps))} steps)", "", header, "|" + "---|" * 10]
         tasks = list(dict.fromkeys(task for entry in objectives.values() for task in entry["final"]))
         for task in tasks:
             for objective, entry in objectives.items():
@@ -135,7 +136,8 @@ def format_comparison(summary: dict) -> str:
                 if metrics is None:
                     continue
                 n = max((stats["n"] for stats in metrics.values()), default=0)
-                cells = [task, objective, str(n), _cell(metrics.get("exact_match"), 3), _cell(metrics.get("rank_accuracy"), 3),
+                cells = [task, objective, str(n), _cell(metrics.get("exact_match"), 3), _cell(metrics.get("contains"), 3),
+                         _cell(metrics.get("rank_accuracy"), 3),
                          _cell(metrics.get("rank_chance"), 3, spread=False), _cell(metrics.get("target_logprob"), 2),
                          _cell(metrics.get("random_logprob"), 2), _cell(metrics.get("target_beats_random"), 3)]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -263,7 +265,8 @@ def write_comparison(comparison: dict, output_dir: str | os.PathLike) -> None:
         lines += [f"Not finished (left out): {', '.join(missing)}.", ""]
     lines += [
         ("Final evaluation of each run, mean ± sample std over seeds (n = seeds). Exact match: Berglund et al.'s "
-         "(stripped, lowercased greedy answer starts with the target). Rank accuracy: the target has the highest "
+         "(stripped, lowercased greedy answer starts with the target). Contains: the BICO paper's looser metric, the target "
+         "anywhere in the greedy answer (40 new tokens). Rank accuracy: the target has the highest "
          "log-probability among the file's distinct answers; rank chance: the same for a random ranking. "
          "log p: total log-probability in nats of the target and of another person's answer (`*_randomized` files)."),
         "",

@@ -50,7 +50,7 @@ def _task_metrics(task: str, em: float, rank: float) -> dict:
     randomized = task in ("n2d-reverse", "d2n-reverse")
     return {
         "answer": TASK_ANSWERS[task], "count": 300, "exact_match": em, "exact_match_correct": round(em * 300),
-        "contains": em, "contains_correct": round(em * 300),
+        "contains": em + 0.1, "contains_correct": round((em + 0.1) * 300),
         "bleu_word": 10.0 if TASK_ANSWERS[task] == "description" else None,
         "bleu_char": 20.0 if TASK_ANSWERS[task] == "description" else None,
         "target_logprob": -5.0 + rank, "random_logprob": -6.0 if randomized else None,
@@ -201,11 +201,11 @@ def test_table_shows_mean_std_n_and_chance(fake_runs):
     assert lines[0] == "### small (100 steps)"
     row = next(line for line in lines if line.startswith("| n2d-reverse | bico |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    # task, objective, n, exact match, rank accuracy, rank chance, log p(target), log p(random), target > random
-    assert cells == ["n2d-reverse", "bico", "2", "0.400 ± 0.141", "0.850 ± 0.071", "0.033", "-4.15 ± 0.07", "-6.00 ± 0.00",
+    # task, objective, n, exact match, contains, rank accuracy, rank chance, log p(target), log p(random), target > random
+    assert cells == ["n2d-reverse", "bico", "2", "0.400 ± 0.141", "0.500 ± 0.141", "0.850 ± 0.071", "0.033", "-4.15 ± 0.07", "-6.00 ± 0.00",
                      "0.925 ± 0.035"]
     n2d = next(line for line in lines if line.startswith("| n2d | ntp |"))
-    assert n2d.split("|")[8].strip() == "-"  # no randomized file for n2d
+    assert n2d.split("|")[9].strip() == "-"  # no randomized file for n2d
     assert sum(line.startswith("| ") and "---" not in line for line in lines) == 1 + 5 * 2
 
 
