@@ -37,6 +37,7 @@ from .config import DEFAULT_MAX_STEPS, TrainConfig, load_yaml_config
 from .config import build_parser as build_train_parser
 from .data import DEFAULT_DATA_DIR, resolve_data_dir
 from .objectives import OBJECTIVES
+from .pretrained import conversion_key
 from .processes import end_processes, process_state
 from .report import aggregate, format_comparison, write_comparison
 from .training import train
@@ -214,7 +215,9 @@ def check_same_run(config: TrainConfig, run_dir: str | os.PathLike) -> None:
         old = stored.get(key, TrainConfig.__dataclass_fields__[key].default)
         if key == "data_dir":  # None is the project's set, which `--data_dir data` also names
             old, value = str(resolve_data_dir(old)), str(resolve_data_dir(value))
-        if key in ("data_dir", "model_name_or_path") and old is not None and value is not None:
+        if key == "model_name_or_path" and old is not None and value is not None:
+            same = conversion_key(old) == conversion_key(value)  # one checkpoint converted by two transformers releases
+        elif key == "data_dir":
             same = Path(old).resolve() == Path(value).resolve()
         else:
             same = old == value

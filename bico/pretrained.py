@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,16 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return convert_gguf(path, cache_dir() / _conversions() / "gguf" / f"{path.stem}-{key}")
+
+
+def conversion_key(path: str | os.PathLike) -> Path:
+    """`path`, resolved, without its `transformers-<version>` cache folder.
+
+    Two releases convert the same GGUF file (and `bico-fetch-smollm2` the same SmolLM2) into two cache
+    folders; runs made from either started from the same weights, so `bico.compare` counts them as one model.
+    """
+    parts = Path(path).expanduser().resolve().parts
+    return Path(*(part for part in parts if not re.fullmatch(r"transformers-\d[\w.+-]*", part)))
 
 
 def _conversions() -> str:

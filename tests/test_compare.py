@@ -274,6 +274,16 @@ def test_status_and_config_mismatch(tmp_path):
     check_same_run(TrainConfig(**{**asdict(same), "data_dir": str(DEFAULT_DATA_DIR)}), run_dir)  # the default set, named
     with pytest.raises(ValueError, match="data_dir: "):
         check_same_run(TrainConfig(**{**asdict(same), "data_dir": str(tmp_path)}), run_dir)
+    # The same checkpoint converted by two transformers releases (bico-fetch-smollm2's cache) is one model.
+    cache = tmp_path / "cache"
+    old_release = TrainConfig(**{**asdict(same), "model_name_or_path": str(cache / "transformers-5.24.0" / "SmolLM2")})
+    yaml_path = tmp_path / "converted" / "train_config.yaml"
+    yaml_path.parent.mkdir()
+    yaml_path.write_text(yaml.safe_dump(asdict(old_release)))
+    check_same_run(TrainConfig(**{**asdict(same), "model_name_or_path": str(cache / "transformers-5.25.0" / "SmolLM2")}), yaml_path.parent)
+    with pytest.raises(ValueError, match="model_name_or_path: "):
+        check_same_run(TrainConfig(**{**asdict(same), "model_name_or_path": str(cache / "transformers-5.25.0" / "Other")}),
+                       yaml_path.parent)
     with pytest.raises(ValueError, match=r"train_config.yaml: this run was made with other options \(max_steps: 100 there, 200 now\)"):
         check_same_run(TrainConfig(**{**asdict(same), "max_steps": 200}), run_dir)
     (run_dir / "results.json").unlink()
