@@ -5,8 +5,8 @@ causes C, then A causes C", answers `Does A cause C?` with Yes or No on graphs u
 chains: longer chains, longer names, reversed or shuffled sentences, branching DAGs. This subpackage
 generates the training mixes and evaluation sets (`generator`, `graphs`), the fixed character-level
 tokenizer (`tokenizer`), the decoders with four positional encodings (`models`), their training
-(`training`) and evaluation (`evaluation`), and the `bico-axioms` command (`cli`); docs/axioms.md
-describes them.
+(`training`) and evaluation (`evaluation`; a pre-trained model asked zero-shot: `zero_shot`), and the
+`bico-axioms` command (`cli`); docs/axioms.md describes them.
 """
 
 from .generator import (
@@ -23,6 +23,7 @@ from .tokenizer import ANSWERS, answer_ids, build_tokenizer, encode
 from .models import POSITION_ENCODINGS, build_model, load_model
 from .training import AxiomConfig, train
 from .evaluation import evaluate, plot_accuracy, write_results
+from .zero_shot import evaluate_zero_shot
 
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "AxiomConfig",
     "train",
     "evaluate",
+    "evaluate_zero_shot",
     "write_results",
     "plot_accuracy",
 ]

@@ -5,11 +5,13 @@
     accelerate launch -m bico.axioms.cli train --config configs/axioms_paper.yaml --position_encoding rope   # GPU
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m bico.axioms.cli train ...   # 2 CPU processes
     bico-axioms eval --model outputs/axioms/none/final outputs/axioms/rope/final --data_dir outputs/axioms/data --output_dir results/axioms
+    bico-axioms eval --pretrained "$(bico-fetch-smollm2)" --data_dir outputs/axioms/data --output_dir results/smollm2   # zero-shot
 
 `generate` writes `train.jsonl` and one `<set>.jsonl` per evaluation set (`bico.axioms.EVAL_SETS`),
 no training premise among them. `train` takes every field of `AxiomConfig` as a flag (`bico-axioms
 train --help`) and prints a JSON summary as its last line. `eval` writes `results.json`,
-`results.md` and `accuracy.png` (one line per model). Bad input (an unknown encoding, mix or set, a
+`results.md` and `accuracy.png` (one line per model; a `--pretrained` model is asked zero-shot,
+`bico.axioms.zero_shot`). Bad input (an unknown encoding, mix or set, a
 malformed JSONL line, a missing model) prints one line `bico-axioms <command>: error: ...` on stderr
 and exits with code 2, without a traceback.
 """
@@ -56,8 +58,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--output_dir", required=True, help=f"gets {TRAIN_FILE} and <set>.jsonl per evaluation set")
     else:
         parser.description = "Evaluate trained models on the evaluation sets: JSON, Markdown and a plot."
-        parser.add_argument("--model", action="extend", nargs="+", required=True, metavar="DIR",
+        parser.add_argument("--model", action="extend", nargs="+", default=[], metavar="DIR",
                             help="one or more `final` directories written by `bico-axioms train`")
+        parser.add_argument("--pretrained", action="extend", nargs="+", default=[], metavar="DIR",
+                            help="pre-trained causal LMs (with their tokenizers) asked zero-shot, e.g. $(bico-fetch-smollm2)")
         parser.add_argument("--data_dir", required=True, help="directory of <set>.jsonl files (bico-axioms generate)")
         parser.add_argument("--output_dir", required=True, help="gets results.json, results.md and accuracy.png")
         parser.add_argument("--sets", action="extend", nargs="+", metavar="SET", help=f"some of {', '.join(EVAL_SETS)} (default all)")
@@ -117,6 +121,8 @@ def _evaluate(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     unknown = [name for name in sets if name not in EVAL_SETS]
     if unknown:
         raise CliError(f"--sets must be among {', '.join(EVAL_SETS)}; got {', '.join(map(repr, unknown))}.")
+    if not args.model and not args.pretrained:
+        raise CliError("give at least one --model (trained by `bico-axioms train`) or --pretrained model.")
     if args.batch_size < 1:
         raise CliError(f"--batch_size must be a positive integer, got {args.batch_size}.")
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
@@ -135,6 +141,7 @@ def _evaluate(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     from ..processes import process_state
     from .evaluation import evaluate, format_results, plot_accuracy, write_results
     from .models import load_model, read_position_encoding
+    from .zero_shot import evaluate_zero_shot
 
     hf_logging.disable_progress_bar()
     if process_state().num_processes > 1:
@@ -148,8 +155,13 @@ def _evaluate(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         except (OSError, ValueError) as error:
             raise CliError(f"no usable tokenizer in {model_dir} ({_first_line(error)}); save it with the model.") from None
         encoding = read_position_encoding(model)
-        metrics = evaluate(model, tokenizer, rows, args.batch_size)
+        metrics = evaluate(model, tokenizer, rows, args.batch_size, desc=f"eval {encoding}")
         evaluated.append((encoding, Path(model_dir), {"model": str(Path(model_dir).resolve()), "position_encoding": encoding, **metrics}))
+        del model
+    for model_dir in args.pretrained:
+        model, tokenizer = _load_pretrained(model_dir, device)
+        metrics = evaluate_zero_shot(model, tokenizer, rows, args.batch_size, desc=f"eval {Path(model_dir).name}")
+        evaluated.append((f"{_model_name(Path(model_dir))} (zero-shot)", Path(model_dir), {"model": str(Path(model_dir).resolve()), "position_encoding": None, **metrics}))
         del model
     results = dict(zip(_labels([(encoding, path) for encoding, path, _ in evaluated]), [metrics for _, _, metrics in evaluated]))
     output_dir = write_results(results, args.output_dir)
@@ -157,6 +169,17 @@ def _evaluate(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         plot_accuracy(results, output_dir / "accuracy.png")
     print(format_results(results))
     return 0
+
+
+def _load_pretrained(model_dir: str, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    except (OSError, ValueError) as error:
+        raise CliError(f"--pretrained {model_dir}: not a causal LM with its tokenizer ({_first_line(error)}).") from None
+    return model, tokenizer
 
 
 def _labels(models: list[tuple[str, Path]]) -> list[str]:

@@ -15,20 +15,21 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..report import SPARE_COLORS
 from .models import check_vocabulary, collate, last_position_logits
 from .tokenizer import ANSWERS, answer_ids, encode
 
 
-__all__ = ["evaluate", "write_results", "format_results", "plot_accuracy"]
+__all__ = ["evaluate", "predict", "summarize", "write_results", "format_results", "plot_accuracy"]
 
 CHANCE = 0.5
 # Fixed colours, so an encoding looks the same in every plot; other labels take the spare ones.
 ENCODING_COLORS = {"none": "tab:blue", "learned": "tab:orange", "sinusoidal": "tab:green", "rope": "tab:red"}
 
 
-def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64) -> dict:
+def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64, desc: str | None = None) -> dict:
     """Accuracy of `model` on `rows`, overall, per set and per chain length.
 
     Args:
@@ -36,6 +37,7 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64) -> dict:
         tokenizer: The tokenizer saved with it (`check_vocabulary` must pass).
         rows (`list[dict]`): Rows of `generate_eval` / `read_jsonl`, any mix of sets.
         batch_size (`int`, *optional*, defaults to 64): Rows per forward pass; the answers do not depend on it.
+        desc (`str`, *optional*): Show a progress bar with this title; none when None.
 
     Returns:
         `dict`: `{"accuracy", "count", "sets": {set: {"accuracy", "count", "yes_rate", "by_num_nodes":
@@ -57,21 +59,53 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64) -> dict:
                 f"{limit} positions (`max_positions`); train with a larger `max_positions`."
             )
     device = next(model.parameters()).device
-    answers = torch.tensor(answer_ids(tokenizer), device=device)
-    yes_id = answers[ANSWERS.index("Yes")].item()
+    model.eval()
+    predicted = predict(
+        examples, answer_ids(tokenizer), tokenizer.pad_token_id, batch_size,
+        lambda input_ids, attention_mask: last_position_logits(model, input_ids.to(device), attention_mask.to(device)), desc,
+    )
+    return summarize(examples, predicted, yes_id=answer_ids(tokenizer)[ANSWERS.index("Yes")])
+
+
+def predict(examples: list[dict], answers: tuple[int, int], pad_token_id: int, batch_size: int, logits_fn,
+            desc: str | None = None) -> list[int]:
+    """The more likely of the two answer tokens for each encoded example, in the examples' order.
+
+    Args:
+        examples (`list[dict]`): Each with `input_ids` (`list[int]`, the prompt) and `label` (`collate`).
+        answers (`tuple[int, int]`): The ids of Yes and No.
+        pad_token_id (`int`): Right padding.
+        batch_size (`int`): Examples per call of `logits_fn`; the answers do not depend on it.
+        logits_fn: `(input_ids, attention_mask) -> logits`, (B, L) right-padded -> (B, V) at each row's last
+            real position; called under `torch.no_grad()`.
+        desc (`str`, *optional*): Show a progress bar with this title; none when None.
+
+    Returns:
+        `list[int]`: The predicted answer id of each example.
+    """
+    answers = torch.tensor(answers)
     # Batches of similar lengths waste less on padding; the answers are put back in row order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     predicted = [0] * len(examples)
-    model.eval()
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
             indices = order[start : start + batch_size]
-            batch = collate([examples[i] for i in indices], tokenizer.pad_token_id)
-            logits = last_position_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, V)
+            batch = collate([examples[i] for i in indices], pad_token_id)
+            logits = logits_fn(batch["input_ids"], batch["attention_mask"]).float().cpu()  # (B, V)
             for i, token in zip(indices, answers[logits[:, answers].argmax(dim=-1)].tolist()):
                 predicted[i] = token
-    right = [p == example["label"] for p, example in zip(predicted, examples)]
+    return predicted
 
+
+def summarize(examples: list[dict], predicted: list[int], yes_id: int) -> dict:
+    """Accuracy overall, per set and per chain length of predicted answer ids (`evaluate`'s return value).
+
+    Args:
+        examples (`list[dict]`): Each with `label` (the right answer's id), `set` and `num_nodes`.
+        predicted (`list[int]`): The answer id predicted for each example.
+        yes_id (`int`): The id of Yes, for `yes_rate`.
+    """
+    right = [p == example["label"] for p, example in zip(predicted, examples)]
     by_set = defaultdict(list)
     for index, example in enumerate(examples):
         by_set[example["set"]].append(index)
