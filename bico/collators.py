@@ -314,3 +314,36 @@ class BicoCollator:
             schedule=self.schedule, mask_min=self.mask_min, mask_max=self.mask_max, word_starts=word_starts,
             entity_mask_prob=self.entity_mask_prob, entities=entities,
         )
+
+
+def text_token_ids(tokenizer: PreTrainedTokenizerBase, text: str, name: str, single: bool = False, default: str | None = None) -> list[int]:
+    """The ids of `text` tokenized alone, without special tokens; all existing, non-special tokens.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): The run's tokenizer.
+        text (`str`): The text, e.g. a marker or a separator.
+        name (`str`): The argument's name, for the error message.
+        single (`bool`, *optional*, defaults to `False`): Require exactly one token.
+        default (`str`, *optional*): The argument's default, named in the error message.
+
+    Raises:
+        `ValueError`: `text` gives no token, the unknown token, a special token, or (with `single`) more than one token.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if isinstance(text, str) else []
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    special = set(tokenizer.all_special_ids)
+    if not ids:
+        problem = "maps to no token"
+    elif tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        problem = f"maps to the unknown token {tokenizer.unk_token!r} ({tokens})"
+    elif special.intersection(ids):
+        problem = f"is a special token of the tokenizer ({tokens})"
+    elif single and len(ids) > 1:
+        problem = f"is {len(ids)} tokens {tokens}"
+    else:
+        return ids
+    expected = "one existing token" if single else "existing tokens"
+    raise ValueError(
+        f"`{name}` {text!r} {problem}; it must be visible text that the tokenizer encodes, alone, as {expected}, "
+        f"none of them special" + (f" (the default is {default!r})." if default is not None else ".")
+    )

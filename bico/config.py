@@ -60,6 +60,8 @@ class TrainConfig:
     placeholder_id: int | None = field(default=None, metadata={"help": "BICO: id written over masked tokens; None = pad, else unk, else eos"})
     entity_mask_prob: float = field(default=0.0, metadata={
         "help": "BICO, demask: also mask each entity (capitalised run, answer name) whole with this probability (bico.entities); 0 = off"})
+    reverse_marker: str = field(default="", metadata={
+        "help": "reverse: text (existing tokens) written before each reversed row, e.g. '(reversed)'; empty = none, as in the paper"})
     demask_marker: str = field(default=DEFAULT_MARKER, metadata={"help": "demask: visible text of one existing token written over masked tokens"})
     demask_separator: str = field(default=DEFAULT_SEPARATOR, metadata={
         "help": "demask: text between the masked copy and the row, existing tokens (a newline by default; set control characters in YAML)"})
@@ -108,6 +110,8 @@ class TrainConfig:
         if not 0.0 <= self.p_bico <= 1.0:
             raise ValueError(f"`p_bico` must be in [0, 1], got {self.p_bico}.")
         check_schedule(self.mask_schedule, self.mask_prob, self.mask_min, self.mask_max, self.entity_mask_prob)
+        if not isinstance(self.reverse_marker, str) or self.reverse_marker != self.reverse_marker.strip():
+            raise ValueError(f"`reverse_marker` must be text without surrounding spaces (a space follows it), got {self.reverse_marker!r}.")
         for name in ("demask_marker", "demask_separator"):  # the tokenizer checks the rest when the collator is built
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"`{name}` must be non-empty text, got {getattr(self, name)!r}.")

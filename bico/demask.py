@@ -50,7 +50,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .collators import IGNORE_INDEX, NtpCollator, pad_examples, row_text
+from .collators import IGNORE_INDEX, NtpCollator, pad_examples, row_text, text_token_ids
 from .entities import EntityFinder
 from .masking import DEFAULT_MASK_PROB, check_schedule, find_word_starts, mask_placeholders, maskable_positions, word_start_table
 
@@ -59,38 +59,6 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_MARKER = "_"  # written over each masked token of the copy
 DEFAULT_SEPARATOR = "\n"  # between the masked copy and the row
-
-
-def text_token_ids(tokenizer: PreTrainedTokenizerBase, text: str, name: str, single: bool = False) -> list[int]:
-    """The ids of `text` tokenized alone, without special tokens; all existing, non-special tokens.
-
-    Args:
-        tokenizer (`PreTrainedTokenizerBase`): The run's tokenizer.
-        text (`str`): The marker or separator.
-        name (`str`): The argument's name, for the error message.
-        single (`bool`, *optional*, defaults to `False`): Require exactly one token.
-
-    Raises:
-        `ValueError`: `text` gives no token, the unknown token, a special token, or (with `single`) more than one token.
-    """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if isinstance(text, str) else []
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    special = set(tokenizer.all_special_ids)
-    if not ids:
-        problem = "maps to no token"
-    elif tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-        problem = f"maps to the unknown token {tokenizer.unk_token!r} ({tokens})"
-    elif special.intersection(ids):
-        problem = f"is a special token of the tokenizer ({tokens})"
-    elif single and len(ids) > 1:
-        problem = f"is {len(ids)} tokens {tokens}"
-    else:
-        return ids
-    expected, default = ("one existing token", DEFAULT_MARKER) if single else ("existing tokens", DEFAULT_SEPARATOR)
-    raise ValueError(
-        f"`{name}` {text!r} {problem}; it must be visible text that the tokenizer encodes, alone, as {expected}, "
-        f"none of them special (the default is {default!r})."
-    )
 
 
 class DemaskCollator:
@@ -136,8 +104,8 @@ class DemaskCollator:
         check_schedule(schedule, mask_prob, mask_min, mask_max, entity_mask_prob)
         if tokenizer.eos_token_id is None:
             raise ValueError("`tokenizer` has no `eos_token_id`; training sequences must end with EOS.")
-        self.marker_id = text_token_ids(tokenizer, marker, "demask_marker", single=True)[0]
-        self.separator_ids = text_token_ids(tokenizer, separator, "demask_separator")
+        self.marker_id = text_token_ids(tokenizer, marker, "demask_marker", single=True, default=DEFAULT_MARKER)[0]
+        self.separator_ids = text_token_ids(tokenizer, separator, "demask_separator", default=DEFAULT_SEPARATOR)
         shortest = 1 + len(self.separator_ids) + 2  # BOS, the separator, one token in each copy
         if max_length < shortest:
             raise ValueError(f"`max_length` must be at least {shortest} for a demask sequence (BOS, separator, "

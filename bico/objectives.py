@@ -70,7 +70,8 @@ OBJECTIVES: dict[str, Objective] = {
     ),
     # Reverse training (bico.reverse): NTP on each row reversed word by word, names and completions kept whole.
     "reverse": Objective(
-        lambda tokenizer, config: ReverseCollator(tokenizer, config.max_length, names=_answer_names(config)),
+        lambda tokenizer, config: ReverseCollator(tokenizer, config.max_length, names=_answer_names(config),
+                                                  marker=config.reverse_marker),
         bidirectional=False,
     ),
     # Masked fine-tuning (bico.demask): masked copy, separator, the row; causal attention, loss on the row.

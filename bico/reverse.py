@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .collators import NtpCollator, encode_rows
+from .collators import NtpCollator, encode_rows, text_token_ids
 
 
 SENTENCE_END = ".?!"  # the punctuation that ends a row and stays at the end of the reversed text
@@ -210,6 +210,11 @@ class ReverseCollator:
             longer rows are cut (and then end without EOS). `truncated` counts them.
         names (`Iterable[str]`, *optional*): Names kept whole wherever they occur, besides the
             capitalised runs, e.g. `collect_names(train["completion"])`.
+        marker (`str`, *optional*, defaults to `""`): Text written, with a space, before each reversed
+            row (e.g. `"(reversed)"`): existing, non-special tokens. The paper has none (empty). A
+            marker tells reversed text from text in its own order, so that a prompt in normal order
+            (no marker) is meant to be continued in normal order; without it, a pre-trained model
+            sometimes answers a reverse question in reversed word order (README, "A real pre-trained Llama").
 
     Calling it on a list of examples with `"prompt"` and `"completion"` strings (other keys, such as
     `input_ids`, are ignored) returns a dict of (B, L) LongTensors: `input_ids` (right-padded),
@@ -217,17 +222,19 @@ class ReverseCollator:
     Run the forward as an ordinary causal step (no `bico.bidirectional`).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 256, names: Iterable[str] = ()):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 256, names: Iterable[str] = (), marker: str = ""):
+        if marker:
+            text_token_ids(tokenizer, marker, "reverse_marker", default="")
         if tokenizer.eos_token_id is None:
             raise ValueError("`tokenizer` has no `eos_token_id`; training sequences must end with EOS.")
         if max_length < 2:
             raise ValueError(f"`max_length` must be at least 2, got {max_length}.")
-        self.tokenizer, self.max_length, self.names = tokenizer, max_length, tuple(names)
+        self.tokenizer, self.max_length, self.names, self.marker = tokenizer, max_length, tuple(names), marker
         self.ntp = NtpCollator(tokenizer)
         self.truncated = 0
 
     def reverse(self, examples: Sequence[dict]) -> list[str]:
-        """The reversed text of each example."""
+        """The reversed text of each example, after the marker if there is one."""
         for index, example in enumerate(examples):
             missing = [key for key in ("prompt", "completion") if not isinstance(example.get(key), str)]
             if missing:
@@ -235,7 +242,8 @@ class ReverseCollator:
                     f"example {index} has no {' or '.join(f'`{key}`' for key in missing)} string (keys: "
                     f"{', '.join(sorted(example))}); `ReverseCollator` reverses the row text itself."
                 )
-        return [reverse_row(example["prompt"], example["completion"], self.names) for example in examples]
+        texts = [reverse_row(example["prompt"], example["completion"], self.names) for example in examples]
+        return [f"{self.marker} {text}" for text in texts] if self.marker else texts
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         texts = self.reverse(examples)

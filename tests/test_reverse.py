@@ -162,3 +162,30 @@ def test_reverse_collator_cuts_at_max_length_and_checks_its_input(tiny_tokenizer
         ReverseCollator(tiny_tokenizer, max_length=1)
     assert torch.equal(ReverseCollator(tiny_tokenizer, names=["Ada Orr"])(examples)["input_ids"],
                        ReverseCollator(tiny_tokenizer)(examples)["input_ids"])
+
+
+def test_reverse_marker_goes_before_each_reversed_row_and_is_checked(tiny_tokenizer):
+    examples = _examples(tiny_tokenizer, ["Ada Orr, known for"], [" writing a long song."])
+    plain = ReverseCollator(tiny_tokenizer)
+    marked = ReverseCollator(tiny_tokenizer, marker="(reversed)")
+    assert marked.reverse(examples) == ["(reversed) writing a long song for known Ada Orr,."]
+    ids = marked(examples)["input_ids"][0].tolist()
+    assert ids == tiny_tokenizer("(reversed) writing a long song for known Ada Orr,.")["input_ids"] + [tiny_tokenizer.eos_token_id]
+    # The reversed words keep their tokens: only the marker's come in front (after BOS).
+    reversed_ids = plain(examples)["input_ids"][0].tolist()
+    assert ids[-(len(reversed_ids) - 2):] == reversed_ids[2:]
+    with pytest.raises(ValueError, match=re.escape("`reverse_marker` '</s>' is a special token of the tokenizer")):
+        ReverseCollator(tiny_tokenizer, marker="</s>")
+
+
+def test_reverse_marker_reaches_the_collator_from_the_config(tiny_tokenizer, data_dir):
+    from bico import TrainConfig
+    from bico.compare import parse_variant, variant_label
+    from bico.objectives import OBJECTIVES
+
+    config = TrainConfig(objective="reverse", data_dir=str(data_dir), reverse_marker="(reversed)")
+    assert OBJECTIVES["reverse"].make_collator(tiny_tokenizer, config).marker == "(reversed)"
+    assert variant_label(config) == "reverse:reverse_marker=(reversed)"
+    assert parse_variant("reverse:reverse_marker=(reversed)") == ("reverse", {"reverse_marker": "(reversed)"})
+    with pytest.raises(ValueError, match="`reverse_marker` must be text without surrounding spaces"):
+        TrainConfig(objective="reverse", reverse_marker=" (reversed)")
