@@ -4,7 +4,8 @@ Vashishtha et al. (arXiv 2407.07612, section 3; DESIGN.md section 9) train a GPT
 rows `premise + question` and score only the answer: the loss is the cross-entropy of the Yes or No
 token at the last input position (the `?`); nothing else in the row is a target. Their code uses
 AdamW at lr 1e-4, batch 128, 100 epochs on ~175k rows (`configs/axioms_paper.yaml`); the defaults here
-are the CPU-sized run of `configs/axioms_cpu.yaml`.
+are a CPU-sized model with the paper's loss. `configs/axioms_cpu.yaml` adds what the CPU run needed to
+learn at all: an auxiliary next-token loss on the row (`premise_lm_weight`), batch 32, 20,000 steps.
 
 `train(AxiomConfig(...))` runs, in order: Accelerator, seed, data, tokenizer, model, optimizer,
 scheduler, one `prepare()`, the loop, the final save. It reuses the project's training machinery:
