@@ -392,7 +392,7 @@ def test_trl_sft_trainer_with_completion_only_loss(tmp_path, tiny_model_dir, dat
 
 
 DRIVER = """
-import json, sys
+import json, os, sys
 import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments
 import bico.patch
@@ -410,6 +410,9 @@ trainer.train()
 with open(f"{output_dir}/modes_{trainer.args.process_index}.json", "w") as f:
     json.dump({"modes": modes, "logged": [r for r in trainer.state.log_history if "loss" in r]}, f)
 trainer.accelerator.end_training()  # a gloo group left to interpreter exit aborted one run in four at teardown
+# Still, at the lowest pins (transformers 5.0, accelerate 1.8) about one run in six aborted in interpreter
+# finalization (C++ terminate, no Python frame; 0 of 8 at the newest releases): the files are written, so skip it.
+os._exit(0)
 """
 
 
