@@ -145,3 +145,31 @@ def test_module_entry_point_exits_2_without_traceback():
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert completed.stderr.strip().splitlines() == [
         "bico-axioms train: error: `position_encoding` must be one of none, learned, sinusoidal, rope; got 'alibi'."]
+
+
+def test_eval_adds_the_columns_of_earlier_results(capsys, model_dirs, data_dir, tmp_path):
+    code, _, err = run_main(capsys, "eval", "--model", str(model_dirs[0]), "--data_dir", str(data_dir),
+                            "--output_dir", str(tmp_path / "first"), "--no_plot")
+    assert code == 0, err
+    code, out, err = run_main(capsys, "eval", "--results", str(tmp_path / "first" / "results.json"), "--model", str(model_dirs[1]),
+                              "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "both"), "--no_plot")
+    assert code == 0, err
+    first = json.loads((tmp_path / "first" / "results.json").read_text())
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert list(both) == ["none", "learned"] and both["none"] == first["none"]
+    assert "| set | n | none | learned |" in out
+    # Results alone need no data; the same label twice is told apart by the model directory.
+    code, _, err = run_main(capsys, "eval", "--results", str(tmp_path / "first" / "results.json"),
+                            str(tmp_path / "both" / "results.json"), "--output_dir", str(tmp_path / "merged"), "--no_plot")
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "merged" / "results.json").read_text())) == 3
+
+
+def test_eval_bad_results_file_is_one_line(capsys, tmp_path):
+    code, _, err = run_main(capsys, "eval", "--results", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "eval", "--results", "missing.json", "not a readable results.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    code, _, err = run_main(capsys, "eval", "--results", str(tmp_path / "list.json"), "--output_dir", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "eval", "list.json", "as `bico-axioms eval` writes it")
+    code, _, err = run_main(capsys, "eval", "--output_dir", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "eval", "--results file")

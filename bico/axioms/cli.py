@@ -6,12 +6,13 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m bico.axioms.cli train ...   # 2 CPU processes
     bico-axioms eval --model outputs/axioms/none/final outputs/axioms/rope/final --data_dir outputs/axioms/data --output_dir results/axioms
     bico-axioms eval --pretrained "$(bico-fetch-smollm2)" --data_dir outputs/axioms/data --output_dir results/smollm2   # zero-shot
+    bico-axioms eval --results results/axioms/results.json --model outputs/axioms/learned/final --data_dir ... --output_dir ...
 
 `generate` writes `train.jsonl` and one `<set>.jsonl` per evaluation set (`bico.axioms.EVAL_SETS`),
 no training premise among them. `train` takes every field of `AxiomConfig` as a flag (`bico-axioms
 train --help`) and prints a JSON summary as its last line. `eval` writes `results.json`,
 `results.md` and `accuracy.png` (one line per model; a `--pretrained` model is asked zero-shot,
-`bico.axioms.zero_shot`). Bad input (an unknown encoding, mix or set, a
+`bico.axioms.zero_shot`; `--results` adds the columns of an earlier eval). Bad input (an unknown encoding, mix or set, a
 malformed JSONL line, a missing model) prints one line `bico-axioms <command>: error: ...` on stderr
 and exits with code 2, without a traceback.
 """
@@ -62,7 +63,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="one or more `final` directories written by `bico-axioms train`")
         parser.add_argument("--pretrained", action="extend", nargs="+", default=[], metavar="DIR",
                             help="pre-trained causal LMs (with their tokenizers) asked zero-shot, e.g. $(bico-fetch-smollm2)")
-        parser.add_argument("--data_dir", required=True, help="directory of <set>.jsonl files (bico-axioms generate)")
+        parser.add_argument("--results", action="extend", nargs="+", default=[], metavar="FILE",
+                            help="results.json of earlier evals on the same data: their columns come first, so runs "
+                                 "trained at different times share one table and plot")
+        parser.add_argument("--data_dir", help="directory of <set>.jsonl files (bico-axioms generate); needed with "
+                                               "--model or --pretrained")
         parser.add_argument("--output_dir", required=True, help="gets results.json, results.md and accuracy.png")
         parser.add_argument("--sets", action="extend", nargs="+", metavar="SET", help=f"some of {', '.join(EVAL_SETS)} (default all)")
         parser.add_argument("--batch_size", type=int, default=64, help="rows per forward pass (default 64)")
@@ -121,15 +126,17 @@ def _evaluate(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     unknown = [name for name in sets if name not in EVAL_SETS]
     if unknown:
         raise CliError(f"--sets must be among {', '.join(EVAL_SETS)}; got {', '.join(map(repr, unknown))}.")
-    if not args.model and not args.pretrained:
-        raise CliError("give at least one --model (trained by `bico-axioms train`) or --pretrained model.")
+    if not args.model and not args.pretrained and not args.results:
+        raise CliError("give at least one --model (trained by `bico-axioms train`), --pretrained model or --results file.")
+    if (args.model or args.pretrained) and args.data_dir is None:
+        raise CliError("the following arguments are required: --data_dir")
+    earlier = [column for path in args.results for column in _read_results(path)]
     if args.batch_size < 1:
         raise CliError(f"--batch_size must be a positive integer, got {args.batch_size}.")
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
         raise CliError("the plot needs matplotlib: pip install matplotlib, or pass --no_plot.")
-    data_dir = Path(args.data_dir)
-    rows = []
-    for name in sets:  # every file is read and checked before any model is loaded
+    rows, data_dir = [], Path(args.data_dir or ".")
+    for name in sets if args.model or args.pretrained else []:  # every file is read and checked before any model is loaded
         path = data_dir / f"{name}.jsonl"
         if not path.is_file():
             raise CliError(f"{path}: no such file; write the evaluation sets with `bico-axioms generate --output_dir {data_dir}`.")
@@ -147,7 +154,7 @@ def _evaluate(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     if process_state().num_processes > 1:
         raise CliError("eval runs in one process (every process would write the same files); run it without `accelerate launch`.")
     device = process_state().device
-    evaluated = []
+    evaluated = list(earlier)
     for model_dir in args.model:
         model = load_model(model_dir).to(device)
         try:
@@ -169,6 +176,17 @@ def _evaluate(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         plot_accuracy(results, output_dir / "accuracy.png")
     print(format_results(results))
     return 0
+
+
+def _read_results(path: str) -> list[tuple[str, Path, dict]]:
+    """The columns of a results.json written by an earlier eval, as `(label, model directory, metrics)`."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CliError(f"--results {path}: not a readable results.json ({_first_line(error)}).") from None
+    if not isinstance(results, dict) or not all(isinstance(metrics, dict) and "sets" in metrics for metrics in results.values()):
+        raise CliError(f"--results {path}: expected {{label: metrics with \"sets\"}}, as `bico-axioms eval` writes it.")
+    return [(label, Path(metrics.get("model") or path), metrics) for label, metrics in results.items()]
 
 
 def _load_pretrained(model_dir: str, device):

@@ -12,6 +12,10 @@ All four come from stock transformers configs, with no custom modelling code:
   (sequential residual, `gelu_new`, 4x MLP, tied embeddings); `rotary_pct=0.0` is another NoPE model
   (`neox_config`), used by the tests as a cross-check of `none`.
 
+`architecture="llama"` builds `rope` as a `LlamaForCausalLM` instead (RMSNorm, SwiGLU at 4x width, tied
+embeddings): the model `bico.patch_llama` patches, so BICO's denoising can be mixed into the training
+(`bico.axioms.denoising`). Its plain-RoPE run is the control.
+
 The frozen tables stay exact: training optimizes only parameters with `requires_grad` (frozen ones get
 no gradient, no AdamW step and no weight decay, `bico.training.make_optimizer`), `save_pretrained` writes
 them, and `load_model` freezes them again after `from_pretrained` (which makes every parameter
@@ -37,15 +41,19 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 
 __all__ = [
-    "POSITION_ENCODINGS", "build_model", "load_model", "read_position_encoding", "check_vocabulary", "sinusoidal_table",
+    "POSITION_ENCODINGS", "ARCHITECTURES", "build_model", "load_model", "read_position_encoding", "check_vocabulary", "sinusoidal_table",
     "collate", "gather_last", "last_position_logits",
 ]
 
 POSITION_ENCODINGS = ("none", "learned", "sinusoidal", "rope")
+ARCHITECTURES = ("gpt", "llama")  # gpt: GPT-2, or GPT-NeoX for rope (the paper's); llama: rope only
 FROZEN_TABLES = ("none", "sinusoidal")  # GPT-2's `wpe` is fixed for these
 CONFIG_KEY = "bico_position_encoding"  # in config.json
 
@@ -97,8 +105,27 @@ def neox_config(vocab_size: int, *, n_layer: int, n_head: int, n_embd: int, max_
     )
 
 
+def llama_config(vocab_size: int, *, n_layer: int, n_head: int, n_embd: int, max_positions: int, pad_token_id: int,
+                 dropout: float = 0.0) -> LlamaConfig:
+    """Llama with RoPE at the sizes of `gpt2_config`: SwiGLU at 4x width, tied embeddings (`bico.patch_llama` patches it)."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+        num_key_value_heads=n_head, intermediate_size=4 * n_embd, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, attention_dropout=dropout,
+        bos_token_id=None, eos_token_id=None, pad_token_id=pad_token_id, use_cache=False,
+    )
+
+
+def check_architecture(architecture: str, position_encoding: str) -> None:
+    """Raise `ValueError` unless `architecture` is one of `ARCHITECTURES` and can carry `position_encoding`."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"`architecture` must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}.")
+    if architecture == "llama" and position_encoding != "rope":
+        raise ValueError(f"`architecture` llama has RoPE only; use `position_encoding` rope, not {position_encoding!r}.")
+
+
 def build_model(position_encoding: str, vocab_size: int, *, n_layer: int, n_head: int, n_embd: int, max_positions: int,
-                pad_token_id: int, seed: int, dropout: float = 0.0) -> PreTrainedModel:
+                pad_token_id: int, seed: int, dropout: float = 0.0, architecture: str = "gpt") -> PreTrainedModel:
     """A randomly initialised decoder with the given positional encoding.
 
     Args:
@@ -110,15 +137,17 @@ def build_model(position_encoding: str, vocab_size: int, *, n_layer: int, n_head
         pad_token_id (`int`): The tokenizer's pad id.
         seed (`int`): Seeds the initialisation; the global RNG is left as it was.
         dropout (`float`, *optional*, defaults to 0.0): Every dropout rate of the model.
+        architecture (`str`, *optional*, defaults to `"gpt"`): `"gpt"`, or `"llama"` for a `rope` Llama.
 
     Returns:
-        `GPT2LMHeadModel` or `GPTNeoXForCausalLM` in float32, train mode, with `config.bico_position_encoding`
+        `GPT2LMHeadModel`, `GPTNeoXForCausalLM` or `LlamaForCausalLM` in float32, train mode, with `config.bico_position_encoding`
         set; for `none` and `sinusoidal`, `transformer.wpe.weight` holds the fixed table with `requires_grad=False`.
 
     Raises:
         `ValueError`: for an unknown `position_encoding` (the message lists the valid ones) or bad sizes.
     """
     check_position_encoding(position_encoding)
+    check_architecture(architecture, position_encoding)
     for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd), ("max_positions", max_positions),
                         ("vocab_size", vocab_size)):
         if value <= 0:
@@ -128,7 +157,9 @@ def build_model(position_encoding: str, vocab_size: int, *, n_layer: int, n_head
     sizes = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, max_positions=max_positions, pad_token_id=pad_token_id, dropout=dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if position_encoding == "rope":
+        if architecture == "llama":
+            model = LlamaForCausalLM(llama_config(vocab_size, **sizes))
+        elif position_encoding == "rope":
             model = GPTNeoXForCausalLM(neox_config(vocab_size, rotary_pct=1.0, **sizes))
         else:
             model = GPT2LMHeadModel(gpt2_config(vocab_size, **sizes))

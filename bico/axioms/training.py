@@ -34,10 +34,13 @@ from transformers import SchedulerType
 
 from ..checkpoints import progress_state, resume_checkpoint, save_checkpoint
 from ..config import MIXED_PRECISION_CHOICES, check_choice, parse_config
+from ..collators import BicoCollator, choose_objective
+from ..patch import patch_llama, unpatch_llama
 from ..processes import end_run, start_run
 from ..training import make_optimizer, make_scheduler, tracker_config
 from .generator import EVAL_SETS, TRAIN_MIXES, generate_eval, generate_train, read_jsonl
-from .models import build_model, check_position_encoding, collate, gather_last
+from .denoising import denoising_loss, step_generator
+from .models import ARCHITECTURES, build_model, check_architecture, check_position_encoding, collate, gather_last
 from .tokenizer import answer_ids, build_tokenizer, encode
 
 
@@ -65,6 +68,8 @@ class AxiomConfig:
 
     # Model
     position_encoding: str = field(default="none", metadata={"help": "none, learned, sinusoidal or rope (bico.axioms.models)"})
+    architecture: str = field(default="gpt", metadata={
+        "help": f"{' or '.join(ARCHITECTURES)}: GPT-2 / GPT-NeoX as in the paper, or a RoPE Llama (needed by bico_prob)"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks (the paper: 12)"})
     n_head: int = field(default=4, metadata={"help": "attention heads (the paper: 8)"})
     n_embd: int = field(default=128, metadata={"help": "width (the paper: 512)"})
@@ -73,7 +78,10 @@ class AxiomConfig:
     dropout: float = field(default=0.0, metadata={"help": "every dropout rate of the model"})
     premise_lm_weight: float = field(default=0.0, metadata={
         "help": "weight of an auxiliary next-token loss on the premise and question tokens; 0 = the paper's answer-only loss"})
-    seed: int = field(default=0, metadata={"help": "seeds the model init and the data order"})
+    bico_prob: float = field(default=0.0, metadata={
+        "help": "probability of a BICO denoising step on the premises (bico.axioms.denoising; architecture llama); 0 = none"})
+    bico_mask_prob: float = field(default=0.15, metadata={"help": "premise tokens masked per BICO step (at least one per row)"})
+    seed: int = field(default=0, metadata={"help": "seeds the model init, the data order and the BICO steps and masks"})
 
     # Optimisation
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (the paper: 1e-4)"})
@@ -101,6 +109,11 @@ class AxiomConfig:
 
     def __post_init__(self):
         check_position_encoding(self.position_encoding)
+        check_architecture(self.architecture, self.position_encoding)
+        if not 0.0 <= self.bico_prob <= 1.0 or not 0.0 < self.bico_mask_prob <= 1.0:
+            raise ValueError(f"`bico_prob` must be in [0, 1] and `bico_mask_prob` in (0, 1]; got {self.bico_prob}, {self.bico_mask_prob}.")
+        if self.bico_prob > 0 and self.architecture != "llama":
+            raise ValueError("`bico_prob` > 0 needs `architecture` llama (the model bico.patch_llama patches) and `position_encoding` rope.")
         if self.train_file is None:
             check_choice("mix", self.mix, list(TRAIN_MIXES))
         check_choice("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType])
@@ -227,7 +240,13 @@ def train(config: AxiomConfig) -> dict:
     model = build_model(
         config.position_encoding, len(tokenizer), n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
         max_positions=config.max_positions, pad_token_id=tokenizer.pad_token_id, seed=config.seed, dropout=config.dropout,
+        architecture=config.architecture,
     )
+    collator = None
+    if config.bico_prob > 0:
+        patch_llama(model)
+        collator = BicoCollator(tokenizer, mask_prob=config.bico_mask_prob, seed=config.seed)
+    does_id = tokenizer.convert_tokens_to_ids("Does")
     # A generator of its own: each new iterator (every epoch, and skip_first_batches on resume) draws a base
     # seed from it, not from the global RNG, which would then give a resumed run other dropout masks.
     dataloader = DataLoader(examples, batch_size=config.per_device_train_batch_size, shuffle=True,
@@ -254,41 +273,55 @@ def train(config: AxiomConfig) -> dict:
         f"({steps_per_epoch} per epoch), {processes} process(es) x batch {config.per_device_train_batch_size} "
         f"x accumulation {config.gradient_accumulation_steps}"
     )
-    bar = tqdm(total=total_steps, initial=global_step, desc=f"train {config.position_encoding}",
+    name = config.position_encoding + (f" {config.architecture}" if config.architecture != "gpt" else "")
+    name += f" +bico {config.bico_prob:g}" if config.bico_prob else ""
+    bar = tqdm(total=total_steps, initial=global_step, desc=f"train {name}",
                disable=not accelerator.is_local_main_process)
-    losses, last_loss, last_accuracy = [], float("nan"), float("nan")
+    losses, last_loss, last_accuracy, last_bico_loss = [], float("nan"), float("nan"), float("nan")
     step_loss, step_correct, step_rows, micro_batches = 0.0, 0, 0, 0
     rows_seen, start = 0, time.perf_counter()
     model.train()
     for epoch, batches_done, batch in _batches_from(dataloader, epoch, batches_done):
         if global_step >= total_steps:
             break
+        objective = choose_objective(config.seed, global_step, config.bico_prob)  # "bico" or "ntp": the answer loss
         with accelerator.accumulate(model):
-            loss, correct = answer_loss(model, batch, accelerator, answer_token_ids, config.premise_lm_weight)
+            if objective == "bico":
+                generator = step_generator(config.seed, global_step, accelerator.process_index, micro_batches)
+                loss = denoising_loss(model, batch, accelerator, collator, does_id, generator)
+                correct = torch.zeros((), dtype=torch.long, device=loss.device)
+            else:
+                loss, correct = answer_loss(model, batch, accelerator, answer_token_ids, config.premise_lm_weight)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        counts = accelerator.reduce(torch.stack([correct, torch.tensor(len(batch["answer_ids"]), device=correct.device)]), "sum")
+        answered = 0 if objective == "bico" else len(batch["answer_ids"])
+        counts = accelerator.reduce(torch.tensor([correct.item(), answered, len(batch["input_ids"])], device=correct.device), "sum")
         step_loss += loss.detach()
         step_correct, step_rows, micro_batches = step_correct + counts[0].item(), step_rows + counts[1].item(), micro_batches + 1
+        rows_seen += counts[2].item()
         if not accelerator.sync_gradients:
             continue
 
         # One optimizer step done.
-        last_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean").item()
-        last_accuracy = step_correct / step_rows
-        rows_seen += step_rows
-        losses.append(last_loss)
+        step_mean = accelerator.reduce(step_loss / micro_batches, reduction="mean").item()
+        losses.append(step_mean)
+        if objective == "bico":
+            last_bico_loss = step_mean
+        else:
+            last_loss, last_accuracy = step_mean, step_correct / step_rows
         step_loss, step_correct, step_rows, micro_batches = 0.0, 0, 0, 0
         global_step += 1
-        bar.set_postfix(loss=f"{last_loss:.3f}", acc=f"{last_accuracy:.2f}", refresh=False)
+        postfix = {"loss": f"{last_loss:.3f}", "acc": f"{last_accuracy:.2f}"}
+        bar.set_postfix(postfix | ({"bico": f"{last_bico_loss:.3f}"} if config.bico_prob else {}), refresh=False)
         bar.update(1)
         if config.report_to and global_step % config.logging_steps == 0:
             accelerator.log({"train/loss": last_loss, "train/accuracy": last_accuracy, "train/lr": scheduler.get_last_lr()[0],
-                             "train/epoch": epoch}, step=global_step)
+                             "train/epoch": epoch} | ({"train/loss_bico": last_bico_loss} if config.bico_prob else {}),
+                            step=global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, progress_state(config, global_step, epoch, batches_done),
                             config.checkpoints_total_limit)
@@ -299,6 +332,8 @@ def train(config: AxiomConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)
+        if collator is not None:
+            unpatch_llama(final_model)  # saved as the plain causal Llama
         final_model.config.use_cache = True
         final_model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
