@@ -12,8 +12,8 @@ All four come from stock transformers configs, with no custom modelling code:
   (sequential residual, `gelu_new`, 4x MLP, tied embeddings); `rotary_pct=0.0` is another NoPE model
   (`neox_config`), used by the tests as a cross-check of `none`.
 
-`architecture="llama"` builds `rope` as a `LlamaForCausalLM` instead (RMSNorm, SwiGLU at 4x width, tied
-embeddings): the model `bico.patch_llama` patches, so BICO's denoising can be mixed into the training
+`architecture="llama"` builds `rope` as a `LlamaForCausalLM` instead (RMSNorm; SwiGLU 8/3 as wide as the
+model, the parameters of GPT-2's 4x MLP; tied embeddings): the model `bico.patch_llama` patches, so BICO's denoising can be mixed into the training
 (`bico.axioms.denoising`). Its plain-RoPE run is the control.
 
 The frozen tables stay exact: training optimizes only parameters with `requires_grad` (frozen ones get
@@ -107,10 +107,14 @@ def neox_config(vocab_size: int, *, n_layer: int, n_head: int, n_embd: int, max_
 
 def llama_config(vocab_size: int, *, n_layer: int, n_head: int, n_embd: int, max_positions: int, pad_token_id: int,
                  dropout: float = 0.0) -> LlamaConfig:
-    """Llama with RoPE at the sizes of `gpt2_config`: SwiGLU at 4x width, tied embeddings (`bico.patch_llama` patches it)."""
+    """Llama with RoPE at the sizes of `gpt2_config` (`bico.patch_llama` patches it).
+
+    SwiGLU has three matrices where GPT-2's MLP has two, so its width is 8/3 of `n_embd` (rounded up to a
+    multiple of 8) and the MLP keeps GPT-2's parameter count; embeddings are tied, as in GPT-2.
+    """
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
-        num_key_value_heads=n_head, intermediate_size=4 * n_embd, max_position_embeddings=max_positions,
+        num_key_value_heads=n_head, intermediate_size=8 * math.ceil(n_embd / 3), max_position_embeddings=max_positions,
         tie_word_embeddings=True, attention_dropout=dropout,
         bos_token_id=None, eos_token_id=None, pad_token_id=pad_token_id, use_cache=False,
     )
