@@ -348,8 +348,11 @@ def _final_evaluation(model, tokenizer, config: TrainConfig, accelerator: Accele
 
     results, predictions = _evaluate(model, tokenizer, config.eval_task_list(), config, accelerator, True)
     results["model"] = str(final_dir)
+    # Every option that makes one objective's variants differ (bico.compare.VARIANT_FIELDS), so results.json names the run.
     results["training"] = {"objective": config.objective, "p_bico": config.p_bico, "mask_schedule": config.mask_schedule,
-                           "mask_prob": config.mask_prob, "steps": steps, "seed": config.seed}
+                           "mask_prob": config.mask_prob, "mask_min": config.mask_min, "mask_max": config.mask_max,
+                           "entity_mask_prob": config.entity_mask_prob, "reverse_marker": config.reverse_marker,
+                           "steps": steps, "seed": config.seed}
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         write_results(results, output_dir / "results.json")

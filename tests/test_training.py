@@ -117,6 +117,9 @@ def test_train_mixes_objectives_learns_and_saves(tmp_path, tiny_model_dir, small
     assert len((run / "eval_history.jsonl").read_text().splitlines()) == 2
     results = json.loads((run / "results.json").read_text())
     assert results["tasks"]["n2d-reverse"]["count"] == 24 and results["model"] == str(run / "final")
+    recorded = {key: value for key, value in results["training"].items() if key != "steps"}
+    assert recorded == {key: getattr(config, key) for key in recorded} and results["training"]["steps"] == 30
+    assert {"objective", "entity_mask_prob", "reverse_marker", "mask_min"} <= set(results["training"])
     assert list((run / "logs").rglob("events.out.tfevents*"))
 
 
