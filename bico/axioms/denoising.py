@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..collators import BicoCollator, row_seed
+from ..masking import IGNORE_INDEX
 from ..patch import bidirectional
 
 
 __all__ = ["premise_labels", "denoising_loss", "step_generator"]
-
-IGNORE_INDEX = -100
 
 
 def premise_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, does_id: int) -> torch.Tensor:
