@@ -64,7 +64,7 @@ VARIANT_FIELDS = {
     "bico": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob"),
     "abi": ("p_bico",),
     "reverse": ("p_bico", "reverse_marker"),
-    "demask": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob"),
+    "demask": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob", "demask_invert_prob"),
 }
 
 

@@ -65,6 +65,8 @@ class TrainConfig:
     demask_marker: str = field(default=DEFAULT_MARKER, metadata={"help": "demask: visible text of one existing token written over masked tokens"})
     demask_separator: str = field(default=DEFAULT_SEPARATOR, metadata={
         "help": "demask: text between the masked copy and the row, existing tokens (a newline by default; set control characters in YAML)"})
+    demask_invert_prob: float = field(default=0.0, metadata={
+        "help": "demask: probability per row that the copy shows the masked tokens and hides the rest (bico.demask); 0 = never"})
 
     # Optimisation
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (1e-3 suits the scratch model; ~2e-5 a pre-trained Llama)"})
@@ -112,6 +114,8 @@ class TrainConfig:
         check_schedule(self.mask_schedule, self.mask_prob, self.mask_min, self.mask_max, self.entity_mask_prob)
         if not isinstance(self.reverse_marker, str) or self.reverse_marker != self.reverse_marker.strip():
             raise ValueError(f"`reverse_marker` must be text without surrounding spaces (a space follows it), got {self.reverse_marker!r}.")
+        if not 0.0 <= self.demask_invert_prob <= 1.0:
+            raise ValueError(f"`demask_invert_prob` must be in [0, 1] (0 never inverts the copy), got {self.demask_invert_prob}.")
         for name in ("demask_marker", "demask_separator"):  # the tokenizer checks the rest when the collator is built
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"`{name}` must be non-empty text, got {getattr(self, name)!r}.")

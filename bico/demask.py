@@ -27,6 +27,14 @@ the masked tokens with the BICO options (`mask_prob`, `schedule` fixed/uniform/s
 `entity_mask_prob`. Unlike in BICO, t1 may be masked (the copy is input) and is a target (SEP predicts
 it), so a name at the start of a row is hidden and written in full.
 
+The inverted copy (`invert_prob`, `--demask_invert_prob`). Whole-entity masking serves one direction
+only: a d2p row ("Known for X, Ada Orr ...") with its name hidden still writes the description before
+the name, so nothing trains name -> description (d2n-reverse). With probability `invert_prob` a row's
+copy shows exactly the tokens the mask chose and hides every other maskable one. With entities masked
+whole at P = 1 and a low rate, the inverted copy shows the name and hides most of the description, and
+the row is written with the name already read: the d2n-reverse order. The coin is drawn from the row's
+generator after the mask, so `invert_prob` 0 leaves every copy as before.
+
 Marker and separator, defaults `"_"` and `"\\n"`: each is text tokenized alone (no special tokens) and
 must give existing, non-special tokens, one token for the marker (it replaces one token, so the copy
 keeps the row's length). Both are in every byte-level BPE vocabulary (SmolLM2: `_` is id 79, the
@@ -79,6 +87,8 @@ class DemaskCollator:
             Whole-entity masking on top of the schedule, as in `bico.BicoCollator`.
         marker (`str`, *optional*, defaults to `"_"`): Text of one existing token, written over masked tokens.
         separator (`str`, *optional*, defaults to `"\\n"`): Text of existing tokens between the copy and the row.
+        invert_prob (`float`, *optional*, defaults to 0.0): Probability per row that the copy hides the
+            tokens the mask left and shows the ones it chose (module docstring).
 
     Calling it on a list of examples `{"input_ids": list[int], "seed": int, "prompt": str,
     "completion": str}` (seed and texts optional) returns a dict of (B, L) LongTensors: `input_ids`
@@ -100,8 +110,11 @@ class DemaskCollator:
         entity_names: Iterable[str] = (),
         marker: str = DEFAULT_MARKER,
         separator: str = DEFAULT_SEPARATOR,
+        invert_prob: float = 0.0,
     ):
         check_schedule(schedule, mask_prob, mask_min, mask_max, entity_mask_prob)
+        if not 0.0 <= invert_prob <= 1.0:
+            raise ValueError(f"`invert_prob` (--demask_invert_prob) must be in [0, 1] (0 never inverts the copy), got {invert_prob}.")
         if tokenizer.eos_token_id is None:
             raise ValueError("`tokenizer` has no `eos_token_id`; training sequences must end with EOS.")
         self.marker_id = text_token_ids(tokenizer, marker, "demask_marker", single=True, default=DEFAULT_MARKER)[0]
@@ -111,7 +124,7 @@ class DemaskCollator:
             raise ValueError(f"`max_length` must be at least {shortest} for a demask sequence (BOS, separator, "
                              f"one token per copy), got {max_length}.")
         self.max_length, self.mask_prob, self.schedule, self.mask_min, self.mask_max = max_length, mask_prob, schedule, mask_min, mask_max
-        self.entity_mask_prob = entity_mask_prob
+        self.entity_mask_prob, self.invert_prob = entity_mask_prob, invert_prob
         self.entities = EntityFinder(tokenizer, entity_names) if entity_mask_prob > 0 else None
         self.tokenizer, self.eos_token_id = tokenizer, tokenizer.eos_token_id
         self.special_ids = sorted(set(tokenizer.all_special_ids))
@@ -152,11 +165,17 @@ class DemaskCollator:
         entities = None
         if self.entities is not None:
             entities = [self._entity_positions(example, lead, body) for example, (lead, body, _) in zip(examples, rows)]
-        masked = mask_placeholders(
-            input_ids, attention_mask, maskable_positions(input_ids, attention_mask, self.special_ids), self.marker_id,
+        maskable = maskable_positions(input_ids, attention_mask, self.special_ids)
+        maskable[:, 0] = False  # the dummy token
+        hidden = mask_placeholders(
+            input_ids, attention_mask, maskable, self.marker_id,
             self.mask_prob, generators, schedule=self.schedule, mask_min=self.mask_min, mask_max=self.mask_max,
             word_starts=word_starts, entity_mask_prob=self.entity_mask_prob, entities=entities,
-        )["input_ids"]
+        )["labels"] != IGNORE_INDEX  # (B, 1 + L)
+        if self.invert_prob > 0:
+            inverted = torch.tensor([torch.rand(1, generator=generator).item() < self.invert_prob for generator in generators])
+            hidden = torch.where(inverted[:, None], maskable & ~hidden, hidden)
+        masked = input_ids.masked_fill(hidden, self.marker_id)
         sequences = [lead + masked[row, 1 : 1 + len(body)].tolist() + self.separator_ids + body + end
                      for row, (lead, body, end) in enumerate(rows)]
         batch = self.ntp([{"input_ids": sequence} for sequence in sequences])

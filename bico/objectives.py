@@ -78,7 +78,7 @@ OBJECTIVES: dict[str, Objective] = {
     "demask": Objective(
         lambda tokenizer, config: DemaskCollator(
             tokenizer, config.max_length, config.mask_prob, config.seed, marker=config.demask_marker,
-            separator=config.demask_separator, **_masking_options(config),
+            separator=config.demask_separator, invert_prob=config.demask_invert_prob, **_masking_options(config),
         ),
         bidirectional=False,
     ),

@@ -147,6 +147,12 @@ def test_entity_masking_and_demask_variants_are_runs_of_their_own(tmp_path):
         check_same_run(TrainConfig(**{**stored, "entity_mask_prob": 0.5}), run_dir)
     with pytest.raises(ValueError, match=r"`entity_mask_prob` must be in \[0, 1\]"):
         CompareConfig(objectives=["bico:entity_mask_prob=2"])
+    inverted = CompareConfig(objectives=["demask:mask_prob=0.15,entity_mask_prob=1.0,demask_invert_prob=0.5"], seeds=[0],
+                             output_dir=str(tmp_path)).run_configs()[0]
+    assert (inverted.demask_invert_prob, variant_label(inverted), Path(inverted.output_dir).name) == (
+        0.5, "demask:entity_mask_prob=1.0,demask_invert_prob=0.5", "data-demask_entity_mask_prob_1.0_demask_invert_prob_0.5-seed0")
+    with pytest.raises(ValueError, match="demask_invert_prob"):
+        CompareConfig(objectives=["bico:demask_invert_prob=0.5"])  # a demask option only
 
 
 def test_bad_options_name_the_argument(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bico.collators import IGNORE_INDEX, encode_rows, row_seed
+from bico.collators import IGNORE_INDEX, encode_rows, row_seed, row_text
 from bico.config import TrainConfig
 from bico.data import load_train
 from bico.demask import DEFAULT_MARKER, DEFAULT_SEPARATOR, DemaskCollator
@@ -90,6 +90,37 @@ def test_masks_follow_the_row_seed(tiny_tokenizer, train):
     alone = collator(rows[7:8])
     assert torch.equal(alone["input_ids"][0], batch["input_ids"][7][batch["attention_mask"][7].bool()])
     assert not torch.equal(collator([{**row, "seed": row["seed"] + 1} for row in rows])["input_ids"], batch["input_ids"])
+
+
+def test_inverted_copy_shows_the_masked_tokens_and_hides_the_rest(tiny_tokenizer, train, answer_names):
+    rows = _rows(tiny_tokenizer, train, count=100)
+    options = dict(mask_prob=0.15, entity_mask_prob=1.0, entity_names=answer_names)
+    plain, inverted = DemaskCollator(tiny_tokenizer, **options), DemaskCollator(tiny_tokenizer, invert_prob=1.0, **options)
+    never = DemaskCollator(tiny_tokenizer, invert_prob=0.0, **options)
+    half = DemaskCollator(tiny_tokenizer, invert_prob=0.5, **options)
+    batches = {name: (c, c(rows)) for name, c in dict(plain=plain, inverted=inverted, never=never, half=half).items()}
+    finder = EntityFinder(tiny_tokenizer, answer_names)
+    flipped = 0
+    for row, example in enumerate(rows):
+        copies = {name: _parts(c, batch, row, example)[1] for name, (c, batch) in batches.items()}
+        body = _parts(plain, batches["plain"][1], row, example)[3]
+        hidden = {name: [c != t for c, t in zip(copy, body)] for name, copy in copies.items()}
+        assert copies["never"] == copies["plain"]  # invert_prob 0 draws nothing more: the masks of before
+        assert all(a != b for a, b in zip(hidden["plain"], hidden["inverted"]))  # every token: hidden in exactly one
+        names = [k - 1 for tokens in finder.row_tokens(example["input_ids"], row_text(example)) for k in tokens]
+        assert names and all(not hidden["inverted"][k] for k in names)  # the name is shown ...
+        assert sum(hidden["inverted"]) >= 0.6 * (len(body) - len(names))  # ... and most of the rest hidden
+        assert copies["half"] in (copies["plain"], copies["inverted"])  # a row's coin, after its mask
+        flipped += copies["half"] == copies["inverted"]
+    assert 35 <= flipped <= 65
+    # The batch the registered objective builds from a TrainConfig inverts too.
+    config = TrainConfig(objective="demask", mask_prob=0.15, entity_mask_prob=1.0, demask_invert_prob=1.0)
+    assert OBJECTIVES["demask"].make_collator(tiny_tokenizer, config).invert_prob == 1.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"`invert_prob` \\(--demask_invert_prob\\) must be in \\[0, 1\\].*got {bad}"):
+            DemaskCollator(tiny_tokenizer, invert_prob=bad)
+        with pytest.raises(ValueError, match=f"`demask_invert_prob` must be in \\[0, 1\\].*got {bad}"):
+            TrainConfig(objective="demask", demask_invert_prob=bad)
 
 
 def test_rows_without_bos_mask_and_predict_the_first_token(tiny_tokenizer, answer_names):
