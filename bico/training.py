@@ -352,7 +352,7 @@ def _final_evaluation(model, tokenizer, config: TrainConfig, accelerator: Accele
     results["training"] = {"objective": config.objective, "p_bico": config.p_bico, "mask_schedule": config.mask_schedule,
                            "mask_prob": config.mask_prob, "mask_min": config.mask_min, "mask_max": config.mask_max,
                            "entity_mask_prob": config.entity_mask_prob, "reverse_marker": config.reverse_marker,
-                           "steps": steps, "seed": config.seed}
+                           "demask_invert_prob": config.demask_invert_prob, "steps": steps, "seed": config.seed}
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         write_results(results, output_dir / "results.json")

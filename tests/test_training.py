@@ -1,5 +1,6 @@
 """The training loop: options, a few steps, LoRA merge, exact resume, atomic checkpoints, 2 processes, SIGKILL."""
 
+import itertools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from bico.collators import choose_objective
 from bico.checkpoints import TRAINER_STATE, find_latest_checkpoint, save_checkpoint
+from bico.compare import VARIANT_FIELDS
 from bico.config import TrainConfig, parse_config
 from bico.training import train
 
@@ -119,7 +121,7 @@ def test_train_mixes_objectives_learns_and_saves(tmp_path, tiny_model_dir, small
     assert results["tasks"]["n2d-reverse"]["count"] == 24 and results["model"] == str(run / "final")
     recorded = {key: value for key, value in results["training"].items() if key != "steps"}
     assert recorded == {key: getattr(config, key) for key in recorded} and results["training"]["steps"] == 30
-    assert {"objective", "entity_mask_prob", "reverse_marker", "mask_min"} <= set(results["training"])
+    assert {"objective", *itertools.chain(*VARIANT_FIELDS.values())} <= set(results["training"])  # names every variant
     assert list((run / "logs").rglob("events.out.tfevents*"))
 
 
@@ -130,6 +132,7 @@ def test_train_mixes_objectives_learns_and_saves(tmp_path, tiny_model_dir, small
     ("bico", {"entity_mask_prob": 0.5}),
     ("demask", {"mask_prob": 0.5}),
     ("demask", {"mask_schedule": "uniform", "entity_mask_prob": 0.5}),
+    ("demask", {"entity_mask_prob": 1.0, "demask_invert_prob": 0.5}),
 ])
 def test_every_objective_and_schedule_trains_through_the_loop(tmp_path, tiny_model_dir, small_data_dir, objective, options, monkeypatch):
     import bico.objectives
