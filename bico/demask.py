@@ -166,7 +166,7 @@ class DemaskCollator:
         if self.entities is not None:
             entities = [self._entity_positions(example, lead, body) for example, (lead, body, _) in zip(examples, rows)]
         maskable = maskable_positions(input_ids, attention_mask, self.special_ids)
-        maskable[:, 0] = False  # so that an inverted copy never shows the dummy as hidden text
+        maskable[:, 0] = False  # the dummy is not part of the copy: never hidden, inverted or not
         hidden = mask_placeholders(
             input_ids, attention_mask, maskable, self.marker_id,
             self.mask_prob, generators, schedule=self.schedule, mask_min=self.mask_min, mask_max=self.mask_max,
