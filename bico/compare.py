@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoints import find_latest_checkpoint
-from .config import DEFAULT_MAX_STEPS, TrainConfig, load_yaml_config
+from .config import DEFAULT_MAX_STEPS, VARIANT_FIELDS, TrainConfig, load_yaml_config
 from .config import build_parser as build_train_parser
 from .data import DEFAULT_DATA_DIR, resolve_data_dir
 from .objectives import OBJECTIVES
@@ -58,14 +58,6 @@ NON_RESULT_FIELDS = ("output_dir", "resume_from_checkpoint", "report_to", "loggi
                      "eval_every_tasks")
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 EVALS_PER_RUN = 10  # default `eval_every` = max_steps / EVALS_PER_RUN
-# The options that make a variant of an objective ("bico:mask_prob=0.3"), per objective, in label order.
-VARIANT_FIELDS = {
-    "ntp": (),
-    "bico": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob"),
-    "abi": ("p_bico",),
-    "reverse": ("p_bico", "reverse_marker"),
-    "demask": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob", "demask_invert_prob"),
-}
 
 
 @dataclass

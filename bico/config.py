@@ -27,6 +27,14 @@ DEFAULT_MAX_STEPS = 1500  # the default run: ~5 min of training on 2 idle CPU co
 REVERSE_TASKS = "n2d-reverse,d2n-reverse"
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16", "fp8")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+# The options that make a variant of an objective ("bico:mask_prob=0.3"), per objective, in label order.
+VARIANT_FIELDS = {
+    "ntp": (),
+    "bico": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob"),
+    "abi": ("p_bico",),
+    "reverse": ("p_bico", "reverse_marker"),
+    "demask": ("p_bico", "mask_prob", "mask_schedule", "mask_min", "mask_max", "entity_mask_prob", "demask_invert_prob"),
+}
 # Fields that may differ between a run and its resumption without changing the trained weights.
 RESUME_MAY_CHANGE = {
     "resume_from_checkpoint", "output_dir", "report_to", "logging_steps", "checkpointing_steps",

@@ -18,6 +18,7 @@ with the same global batch, repeats the same sequence of batches, objectives and
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from .checkpoints import progress_state, read_history, resume_checkpoint, save_checkpoint
 from .collators import IGNORE_INDEX, encode_rows, row_seed
 from .compat import enable_activation_checkpointing
-from .config import DEFAULT_MAX_STEPS, TrainConfig, parse_config
+from .config import DEFAULT_MAX_STEPS, VARIANT_FIELDS, TrainConfig, parse_config
 from .data import load_train
 from .objectives import OBJECTIVES, objective_mode, step_objective
 from .patch import patch_llama, unpatch_llama
@@ -348,11 +349,10 @@ def _final_evaluation(model, tokenizer, config: TrainConfig, accelerator: Accele
 
     results, predictions = _evaluate(model, tokenizer, config.eval_task_list(), config, accelerator, True)
     results["model"] = str(final_dir)
-    # Every option that makes one objective's variants differ (bico.compare.VARIANT_FIELDS), so results.json names the run.
-    results["training"] = {"objective": config.objective, "p_bico": config.p_bico, "mask_schedule": config.mask_schedule,
-                           "mask_prob": config.mask_prob, "mask_min": config.mask_min, "mask_max": config.mask_max,
-                           "entity_mask_prob": config.entity_mask_prob, "reverse_marker": config.reverse_marker,
-                           "demask_invert_prob": config.demask_invert_prob, "steps": steps, "seed": config.seed}
+    # Every option that makes any objective's variants differ, so results.json names the run.
+    variant_options = dict.fromkeys(itertools.chain(*VARIANT_FIELDS.values()))
+    results["training"] = {"objective": config.objective, **{key: getattr(config, key) for key in variant_options},
+                           "steps": steps, "seed": config.seed}
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         write_results(results, output_dir / "results.json")

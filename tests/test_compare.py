@@ -25,8 +25,9 @@ from bico.compare import (
     run_status,
     variant_label,
 )
-from bico.config import DEFAULT_MAX_STEPS, TrainConfig
+from bico.config import DEFAULT_MAX_STEPS, VARIANT_FIELDS, TrainConfig
 from bico.data import DEFAULT_DATA_DIR
+from bico.objectives import OBJECTIVES
 from bico.report import aggregate, format_ablation, format_comparison, plot_comparison
 
 TASK_ANSWERS = {"n2d": "description", "n2d-reverse": "name", "d2n": "name", "d2n-reverse": "description", "both": "either"}
@@ -123,6 +124,12 @@ def test_variants_of_an_objective_are_runs_of_their_own(tmp_path):
         CompareConfig(objectives=["bico:learning_rate=1"])
     with pytest.raises(ValueError, match="`schedule` must be one of"):
         CompareConfig(objectives=["bico:mask_schedule=zigzag"])
+
+
+def test_every_objective_names_its_variant_options_and_each_is_a_training_option():
+    assert set(VARIANT_FIELDS) == set(OBJECTIVES)
+    train_fields = set(asdict(TrainConfig()))
+    assert all(set(options) <= train_fields for options in VARIANT_FIELDS.values())
 
 
 def test_entity_masking_and_demask_variants_are_runs_of_their_own(tmp_path):
