@@ -19,8 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from bico.collators import choose_objective
 from bico.checkpoints import TRAINER_STATE, find_latest_checkpoint, save_checkpoint
-from bico.config import VARIANT_FIELDS
-from bico.config import TrainConfig, parse_config
+from bico.config import VARIANT_FIELDS, TrainConfig, parse_config
 from bico.training import train
 
 
